@@ -1,0 +1,28 @@
+"""neurosim: a rate-based simulation engine for forward-only learning.
+
+Public API (everything else is private)::
+
+    from neurosim import (Circuit, Population, ErrorPopulation, Projection, Phase, Protocol,
+                          Monitor, Trace, compile_plan, Simulator, SGD, PEPITA)
+"""
+
+from .circuit import Circuit, ErrorPopulation, Population, Projection, TRANSFERS
+from .compiler import Plan, PlanBuilder, compile_plan
+from .errors import (CompileError, DataError, NeurosimError, NeurosimWarning, SimulationError,
+                     ValidationError)
+from .init import FanInUniform, Given, HeUniform, Normal, Uniform, Zeros
+from .monitors import Monitor, Trace
+from .plasticity import CONVENTIONS, PEPITA, SGD, PlasticityRule, register_builder
+from .protocol import Phase, Protocol
+from .simulator import Simulator, shuffled_order
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Circuit", "Population", "ErrorPopulation", "Projection", "TRANSFERS", "Phase", "Protocol",
+    "Monitor", "Trace", "Plan", "PlanBuilder", "compile_plan", "Simulator", "shuffled_order",
+    "SGD", "PEPITA", "CONVENTIONS", "PlasticityRule", "register_builder",
+    "HeUniform", "FanInUniform", "Uniform", "Normal", "Zeros", "Given",
+    "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",
+    "NeurosimWarning", "__version__",
+]

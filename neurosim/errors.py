@@ -1,0 +1,78 @@
+"""Exception and warning types of neurosim.
+
+Every error a user can trigger by bad input is a :class:`ValidationError`, which is also a
+``ValueError`` so that existing ``except ValueError`` code keeps working. Messages follow one
+pattern: ``object.attribute: what was given; what was expected. Hint.``
+"""
+
+from __future__ import annotations
+
+
+class NeurosimError(Exception):
+    """Base class of every exception raised by neurosim."""
+
+
+class ValidationError(NeurosimError, ValueError):
+    """Bad input: a description, a scenario key, a file. Raised before anything is written.
+
+    Parameters
+    ----------
+    where
+        The object.attribute or key path that was wrong, e.g. ``"Population.tau"`` or
+        ``"training.lr"``.
+    message
+        What was given and what was expected.
+    hint
+        A likely fix (optional).
+    """
+
+    def __init__(self, where: str, message: str, hint: str | None = None):
+        self.where = where
+        self.message = message
+        self.hint = hint
+        text = f"{where}: {message}"
+        if hint:
+            text += f" Hint: {hint}"
+        super().__init__(text)
+
+
+class DataError(ValidationError):
+    """A dataset file is missing, truncated or fails its checksum."""
+
+
+class CompileError(NeurosimError):
+    """A circuit and protocol cannot be turned into a plan (inconsistent descriptions)."""
+
+
+class SimulationError(NeurosimError, RuntimeError):
+    """A compiled kernel reported a failure (NaN/inf, runaway weights).
+
+    Attributes name where it happened: ``phase``, ``step``, ``population`` or ``projection``.
+    """
+
+    def __init__(self, message: str, *, phase=None, step=None, population=None,
+                 projection=None, hint=None):
+        self.phase = phase
+        self.step = step
+        self.population = population
+        self.projection = projection
+        self.hint = hint
+        parts = [message]
+        loc = []
+        if phase is not None:
+            loc.append(f"phase {phase!r}")
+        if step is not None:
+            loc.append(f"step {step}")
+        if population is not None:
+            loc.append(f"population {population!r}")
+        if projection is not None:
+            loc.append(f"projection {projection!r}")
+        if loc:
+            parts.append("(" + ", ".join(loc) + ")")
+        if hint:
+            parts.append(f"Hint: {hint}")
+        super().__init__(" ".join(parts))
+
+
+class NeurosimWarning(UserWarning):
+    """Category of every warning neurosim emits; filter it with ``warnings.filterwarnings``."""

@@ -1,0 +1,1 @@
+"""Compiled kernels (numpy + numba only)."""

@@ -1,0 +1,70 @@
+"""Direct single-precision GEMM from compiled code.
+
+numba's ``np.dot`` cannot accumulate (``beta``) nor scale (``alpha``), so every projection that
+adds into a drive and every fused momentum step would need an extra pass over memory. Here the
+Fortran ``sgemm`` of SciPy's bundled BLAS is registered under a fixed symbol name, which keeps
+``cache=True`` working (the compiled code refers to the name, not to a process address).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as _llvm
+import numpy as np
+from numba import njit, types
+from numba.extending import get_cython_function_address, intrinsic
+
+_SYMBOL = "neurosim_sgemm"
+_llvm.add_symbol(_SYMBOL, get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+
+_P = types.voidptr
+_sgemm = types.ExternalFunction(_SYMBOL, types.void(_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P))
+
+
+@intrinsic
+def _ptr(typingctx, arr):
+    """Data pointer of an array as ``void*`` (no copy, no bounds)."""
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.bitcast(ary.data, context.get_value_type(types.voidptr))
+
+    return types.voidptr(arr), codegen
+
+
+@njit(cache=True)
+def gemm_rm(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f):
+    """``c = alpha * op(a) @ op(b) + beta * c`` for C-contiguous float32 2-D arrays, in place.
+
+    ``ws_i`` (int32[8]) and ``ws_f`` (float32[2]) are scratch for the by-reference Fortran
+    arguments. Row-major trick: BLAS sees ``c.T = op(b).T @ op(a).T`` in column-major order.
+    """
+    m = a.shape[1] if trans_a else a.shape[0]
+    k = a.shape[0] if trans_a else a.shape[1]
+    n = b.shape[0] if trans_b else b.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        for i in range(m):
+            for j in range(n):
+                c[i, j] = beta * c[i, j] if beta != 0.0 else 0.0
+        return
+    ws_i[0] = n
+    ws_i[1] = m
+    ws_i[2] = k
+    ws_i[3] = b.shape[1]
+    ws_i[4] = a.shape[1]
+    ws_i[5] = n
+    ws_i[6] = 84 if trans_b else 78  # 'T' or 'N' for BLAS's first operand (our b)
+    ws_i[7] = 84 if trans_a else 78
+    ws_f[0] = alpha
+    ws_f[1] = beta
+    _sgemm(_ptr(ws_i[6:7]), _ptr(ws_i[7:8]), _ptr(ws_i[0:1]), _ptr(ws_i[1:2]), _ptr(ws_i[2:3]),
+           _ptr(ws_f[0:1]), _ptr(b), _ptr(ws_i[3:4]), _ptr(a), _ptr(ws_i[4:5]),
+           _ptr(ws_f[1:2]), _ptr(c), _ptr(ws_i[5:6]))
+
+
+def gemm_reference(trans_a, trans_b, alpha, a, b, beta, c):
+    """numpy twin of :func:`gemm_rm` (returns the new c)."""
+    A = a.T if trans_a else a
+    B = b.T if trans_b else b
+    return (alpha * (A.astype(np.float64) @ B.astype(np.float64)) + beta * c).astype(np.float32)

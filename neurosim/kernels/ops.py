@@ -1,0 +1,442 @@
+"""Compiled operations and the plan interpreter.
+
+A compiled plan is data: one float32 arena ``mem`` holding every state, weight and scratch
+array; a buffer table ``bufs`` (offset, rows, cols, batch-shaped flag); and a program ``prog``
+of integer instructions with float parameters ``fprm``. ``run_trials`` executes blocks of that
+program for a run of minibatches (trials) without returning to Python. Each operation is also a
+plain ``@njit`` function with a numpy twin in :mod:`neurosim.kernels.reference`, so kernels are
+tested one by one.
+
+Conventions: a batch-shaped buffer has ``rows = nb`` (the current minibatch size) at run time;
+population state is (batch, units); a weight matrix is (post, pre).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .blas import gemm_rm
+from .rng import uniform01
+
+# ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
+NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, \
+    SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL = range(21)
+
+# ---- status codes ------------------------------------------------------------------------------
+OK = 0
+NONFINITE_RATE = 1
+NONFINITE_WEIGHT = 2
+WEIGHT_RUNAWAY = 3
+
+# ---- transfer codes ----------------------------------------------------------------------------
+IDENTITY, RELU, TANH, SIGMOID, ERF, SOFTMAX = range(6)
+
+_SQRT_HALF = np.float32(1.0 / math.sqrt(2.0))
+_SQRT_2_PI = np.float32(math.sqrt(2.0 / math.pi))
+
+
+@njit(cache=True, inline="always")
+def _f(code, x):
+    if code == RELU:
+        return x if x > 0.0 else np.float32(0.0)
+    if code == TANH:
+        return np.float32(math.tanh(x))
+    if code == SIGMOID:
+        return np.float32(1.0 / (1.0 + math.exp(-x)))
+    if code == ERF:
+        return np.float32(math.erf(x * _SQRT_HALF))
+    return x
+
+
+@njit(cache=True, inline="always")
+def _df(code, x):
+    if code == RELU:
+        return np.float32(1.0) if x > 0.0 else np.float32(0.0)
+    if code == TANH:
+        t = math.tanh(x)
+        return np.float32(1.0 - t * t)
+    if code == SIGMOID:
+        s = 1.0 / (1.0 + math.exp(-x))
+        return np.float32(s * (1.0 - s))
+    if code == ERF:
+        return np.float32(_SQRT_2_PI * math.exp(-0.5 * x * x))
+    return np.float32(1.0)
+
+
+@njit(cache=True)
+def softmax_rows(out, x):
+    """``out[b] = softmax(x[b])`` row-wise (max-shifted), float32."""
+    for b in range(x.shape[0]):
+        m = x[b, 0]
+        for j in range(1, x.shape[1]):
+            if x[b, j] > m:
+                m = x[b, j]
+        s = np.float32(0.0)
+        for j in range(x.shape[1]):
+            e = np.float32(math.exp(x[b, j] - m))
+            out[b, j] = e
+            s += e
+        inv = np.float32(1.0) / s
+        for j in range(x.shape[1]):
+            out[b, j] *= inv
+
+
+@njit(cache=True)
+def transfer(r, drive, code, mask, use_mask):
+    """``r = f(drive) [* mask]``; returns False if a result is not finite."""
+    if code == SOFTMAX:
+        softmax_rows(r, drive)
+    else:
+        for b in range(r.shape[0]):
+            for j in range(r.shape[1]):
+                r[b, j] = _f(code, drive[b, j])
+    if use_mask:
+        for b in range(r.shape[0]):
+            for j in range(r.shape[1]):
+                r[b, j] *= mask[b, j]
+    ok = True
+    for b in range(r.shape[0]):
+        for j in range(r.shape[1]):
+            if not np.isfinite(r[b, j]):
+                ok = False
+    return ok
+
+
+@njit(cache=True)
+def euler(r, drive, code, mask, use_mask, alpha, tmp):
+    """``r += alpha * (f(drive) [* mask] - r)``: an Euler (alpha = dt/tau) or exponential-Euler
+    (alpha = 1 - exp(-dt/tau)) step of ``tau dr/dt = -r + f(drive)``. ``tmp`` is (rows, cols)
+    scratch used for softmax. Returns False if a rate is not finite."""
+    a = np.float32(alpha)
+    if code == SOFTMAX:
+        softmax_rows(tmp, drive)
+        for b in range(r.shape[0]):
+            for j in range(r.shape[1]):
+                r[b, j] += a * (tmp[b, j] - r[b, j])
+    else:
+        for b in range(r.shape[0]):
+            for j in range(r.shape[1]):
+                target = _f(code, drive[b, j])
+                if use_mask:
+                    target *= mask[b, j]
+                r[b, j] += a * (target - r[b, j])
+    ok = True
+    for b in range(r.shape[0]):
+        for j in range(r.shape[1]):
+            if not np.isfinite(r[b, j]):
+                ok = False
+    return ok
+
+
+@njit(cache=True)
+def deriv_mul(dst, drive, code):
+    """``dst *= f'(drive)`` element-wise (not defined for softmax)."""
+    for b in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[b, j] *= _df(code, drive[b, j])
+
+
+@njit(cache=True)
+def dropout_mask(mask, keep, key, trial):
+    """Inverted-dropout mask: ``mask = Bernoulli(keep) / keep``, a pure function of
+    (key, trial, row, unit) so both passes of a trial and any chunking see the same mask."""
+    nb, n = mask.shape
+    inv = np.float32(1.0 / keep)
+    base = np.uint64(trial) * np.uint64(nb * n)
+    for b in range(nb):
+        for j in range(n):
+            u = uniform01(key, base + np.uint64(b * n + j))
+            mask[b, j] = inv if u < keep else np.float32(0.0)
+
+
+@njit(cache=True)
+def sgd_step(W, V, dW, lr, momentum, wd, style, nb, limit):
+    """One SGD-with-momentum step on a summed-over-batch update ``dW`` (descent direction).
+
+    style 0 (reference PEPITA code): ``V = m V + lr (dW/nb + wd W); W -= V``.
+    style 1 (torch SGD):             ``V = m V + (dW/nb + wd W);    W -= lr V``.
+    Returns a status: OK, NONFINITE_WEIGHT or WEIGHT_RUNAWAY (``|W| > limit``)."""
+    inv = np.float32(1.0 / nb)
+    m = np.float32(momentum)
+    lr32 = np.float32(lr)
+    wd32 = np.float32(wd)
+    lim = np.float32(limit)
+    status = OK
+    for i in range(W.shape[0]):
+        for j in range(W.shape[1]):
+            g = dW[i, j] * inv + wd32 * W[i, j]
+            if style == 0:
+                v = m * V[i, j] + lr32 * g
+                V[i, j] = v
+                w = W[i, j] - v
+            else:
+                v = m * V[i, j] + g
+                V[i, j] = v
+                w = W[i, j] - lr32 * v
+            W[i, j] = w
+            if not np.isfinite(w):
+                status = NONFINITE_WEIGHT
+            elif abs(w) > lim and status == OK:
+                status = WEIGHT_RUNAWAY
+    return status
+
+
+@njit(cache=True, inline="always")
+def _view(mem, bufs, i, nb):
+    off = bufs[i, 0]
+    rows = nb if bufs[i, 3] == 1 else bufs[i, 1]
+    cols = bufs[i, 2]
+    return mem[off:off + rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def _record(dst, stamps, meta, cnt, m, src, trial, step):
+    k = cnt[m]
+    if k >= meta[m, 2]:
+        return
+    size = meta[m, 1]
+    u0 = meta[m, 4]
+    srow = meta[m, 6]
+    base = meta[m, 0] + k * size
+    if srow >= 0:
+        for j in range(size):
+            dst[base + j] = src[srow, u0 + j]
+    else:  # mean over the batch
+        for j in range(size):
+            s = np.float32(0.0)
+            for b in range(src.shape[0]):
+                s += src[b, u0 + j]
+            dst[base + j] = s / src.shape[0]
+    stamps[meta[m, 7] + 2 * k] = trial
+    stamps[meta[m, 7] + 2 * k + 1] = step
+    cnt[m] = k + 1
+
+
+@njit(cache=True)
+def frob(a):
+    s = 0.0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            s += float(a[i, j]) * float(a[i, j])
+    return math.sqrt(s)
+
+
+@njit(cache=True)
+def angle_deg(a, b, transpose_b):
+    """Angle in degrees between matrices ``a`` and ``b`` (or ``b.T``) seen as vectors."""
+    dot = 0.0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            bij = b[j, i] if transpose_b else b[i, j]
+            dot += float(a[i, j]) * float(bij)
+    na = frob(a)
+    nb_ = frob(b)
+    if na == 0.0 or nb_ == 0.0:
+        return np.nan
+    c = dot / (na * nb_)
+    c = min(1.0, max(-1.0, c))
+    return math.degrees(math.acos(c))
+
+
+@njit(cache=True)
+def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batch, trial0,
+               step0, keys, rec, stamps, rec_meta, rec_cnt, info, ws_i, ws_f):
+    """Execute the program's blocks for ``n_trials`` consecutive minibatches.
+
+    ``blocks`` rows are (first instruction, end instruction, repeat, phase index); a block with
+    repeat > 1 is a time loop whose step counter feeds monitors. Minibatch ``j`` takes rows
+    ``order[start + j*batch : ...]`` of X/Y (the last one may be short). Returns a status; on
+    failure ``info`` holds (instruction, step within phase, trial, block).
+    """
+    n_order = order.shape[0]
+    step = step0
+    for j in range(n_trials):
+        s0 = start + j * batch
+        nb = batch
+        if n_order > 0 and s0 + nb > n_order:
+            nb = n_order - s0
+        trial = trial0 + j
+        for bl in range(blocks.shape[0]):
+            i0 = blocks[bl, 0]
+            i1 = blocks[bl, 1]
+            reps = blocks[bl, 2]
+            for rep in range(reps):
+                if reps > 1:
+                    step += 1
+                i = i0
+                while i < i1:
+                    op = prog[i, 0]
+                    a = prog[i, 1]
+                    if op == GEMM:
+                        gemm_rm(prog[i, 4] == 1, prog[i, 5] == 1, fprm[i, 0],
+                                _view(mem, bufs, prog[i, 2], nb), _view(mem, bufs, prog[i, 3], nb),
+                                fprm[i, 1], _view(mem, bufs, a, nb), ws_i, ws_f)
+                    elif op == TRANSFER or op == EULER:
+                        r = _view(mem, bufs, a, nb)
+                        d = _view(mem, bufs, prog[i, 2], nb)
+                        use_mask = prog[i, 4] >= 0
+                        mk = _view(mem, bufs, prog[i, 4], nb) if use_mask else d
+                        if op == TRANSFER:
+                            ok = transfer(r, d, prog[i, 3], mk, use_mask)
+                        else:
+                            ok = euler(r, d, prog[i, 3], mk, use_mask, fprm[i, 0],
+                                       _view(mem, bufs, prog[i, 5], nb))
+                        if not ok:
+                            info[0] = i
+                            info[1] = rep
+                            info[2] = trial
+                            info[3] = bl
+                            return NONFINITE_RATE
+                    elif op == ZERO:
+                        v = _view(mem, bufs, a, nb)
+                        v[:, :] = 0.0
+                    elif op == AXPY:
+                        dst = _view(mem, bufs, a, nb)
+                        src = _view(mem, bufs, prog[i, 2], nb)
+                        sc = np.float32(fprm[i, 0])
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] += sc * src[b, c]
+                    elif op == COPY:
+                        dst = _view(mem, bufs, a, nb)
+                        dst[:, :] = _view(mem, bufs, prog[i, 2], nb)
+                    elif op == SUB:
+                        dst = _view(mem, bufs, a, nb)
+                        x = _view(mem, bufs, prog[i, 2], nb)
+                        y = _view(mem, bufs, prog[i, 3], nb)
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] = x[b, c] - y[b, c]
+                    elif op == MUL:
+                        dst = _view(mem, bufs, a, nb)
+                        x = _view(mem, bufs, prog[i, 2], nb)
+                        y = _view(mem, bufs, prog[i, 3], nb)
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] = x[b, c] * y[b, c]
+                    elif op == SCALE:
+                        dst = _view(mem, bufs, a, nb)
+                        sc = np.float32(fprm[i, 0])
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] *= sc
+                    elif op == BIAS:
+                        dst = _view(mem, bufs, a, nb)
+                        bias = _view(mem, bufs, prog[i, 2], nb)
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] += bias[0, c]
+                    elif op == GATHER:
+                        dst = _view(mem, bufs, a, nb)
+                        for b in range(nb):
+                            dst[b, :] = X[order[s0 + b]]
+                    elif op == ONEHOT:
+                        dst = _view(mem, bufs, a, nb)
+                        on = np.float32(fprm[i, 0])
+                        off = np.float32(fprm[i, 1])
+                        for b in range(nb):
+                            lab = Y[order[s0 + b]]
+                            for c in range(dst.shape[1]):
+                                dst[b, c] = on if c == lab else off
+                    elif op == EMBED_LABEL:
+                        # dst[:, :n_classes] = one-hot of label source prog[i,2]:
+                        # 0 = true label, 1 = wrong label buffer (column 0 of buffer prog[i,3])
+                        dst = _view(mem, bufs, a, nb)
+                        ncls = prog[i, 4]
+                        on = np.float32(fprm[i, 0])
+                        off = np.float32(fprm[i, 1])
+                        if prog[i, 2] == 0:
+                            for b in range(nb):
+                                lab = Y[order[s0 + b]]
+                                for c in range(ncls):
+                                    dst[b, c] = on if c == lab else off
+                        else:
+                            lb = _view(mem, bufs, prog[i, 3], nb)
+                            for b in range(nb):
+                                lab = int(lb[b, 0])
+                                for c in range(ncls):
+                                    dst[b, c] = on if c == lab else off
+                    elif op == WRONG_LABEL:
+                        # dst[b, 0] = a label != Y[b], uniform over the n_classes - 1 others
+                        dst = _view(mem, bufs, a, nb)
+                        ncls = prog[i, 3]
+                        key = keys[prog[i, 2]]
+                        for b in range(nb):
+                            u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
+                            k = int(u * (ncls - 1))
+                            if k >= ncls - 1:
+                                k = ncls - 2
+                            lab = Y[order[s0 + b]]
+                            dst[b, 0] = np.float32(k if k < lab else k + 1)
+                    elif op == MASK:
+                        dropout_mask(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]], trial)
+                    elif op == DERIV:
+                        deriv_mul(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                  prog[i, 3])
+                    elif op == SGD:
+                        st = sgd_step(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                      _view(mem, bufs, prog[i, 3], nb), fprm[i, 0], fprm[i, 1],
+                                      fprm[i, 2], prog[i, 4], nb, fprm[i, 3])
+                        if st != OK:
+                            info[0] = i
+                            info[1] = rep
+                            info[2] = trial
+                            info[3] = bl
+                            return st
+                    elif op == RECORD:
+                        every = rec_meta[prog[i, 2], 3]
+                        cntr = step if prog[i, 3] == 0 else trial
+                        if cntr % every == 0:
+                            _record(rec, stamps, rec_meta, rec_cnt, prog[i, 2],
+                                    _view(mem, bufs, a, nb), trial, step)
+                    elif op == RECORD_STAT:
+                        m = prog[i, 2]
+                        every = rec_meta[m, 3]
+                        if trial % every == 0 and rec_cnt[m] < rec_meta[m, 2]:
+                            src = _view(mem, bufs, a, nb)
+                            kind = prog[i, 3]
+                            if kind == 0:
+                                val = frob(src)
+                            else:
+                                val = angle_deg(src, _view(mem, bufs, prog[i, 4], nb),
+                                                prog[i, 5] == 1)
+                            k = rec_cnt[m]
+                            rec[rec_meta[m, 0] + k] = np.float32(val)
+                            stamps[rec_meta[m, 7] + 2 * k] = trial
+                            stamps[rec_meta[m, 7] + 2 * k + 1] = step
+                            rec_cnt[m] = k + 1
+                    elif op == GUARD:
+                        if trial % a != 0:
+                            i += prog[i, 2]
+                    i += 1
+    return OK
+
+
+@njit(cache=True)
+def predict(mem, bufs, prog, fprm, blocks, X, Y, order, batch, keys, out_buf, pred,
+            info, ws_i, ws_f):
+    """Run the inference program over all of ``order`` and write argmax of ``out_buf`` rows to
+    ``pred``. Returns a status (OK or NONFINITE_RATE)."""
+    n = order.shape[0]
+    n_trials = (n + batch - 1) // batch
+    empty_f = np.zeros(1, np.float32)
+    empty_i = np.zeros(1, np.int64)
+    meta = np.zeros((1, 8), np.int64)
+    cnt = np.zeros(1, np.int64)
+    for j in range(n_trials):
+        st = run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, j * batch, 1, batch, j, 0,
+                        keys, empty_f, empty_i, meta, cnt, info, ws_i, ws_f)
+        if st != OK:
+            return st
+        nb = min(batch, n - j * batch)
+        o = _view(mem, bufs, out_buf, nb)
+        for b in range(nb):
+            best = 0
+            for c in range(1, o.shape[1]):
+                if o[b, c] > o[b, best]:
+                    best = c
+            pred[j * batch + b] = best
+    return OK

@@ -1,0 +1,350 @@
+"""The Simulator: owns a compiled Plan's state and runs its programs in compiled code.
+
+Python is entered once per chunk of minibatches (or once per ``run`` call), never per time
+step. Kernel status codes become :class:`SimulationError` naming the phase, step and
+population or projection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from .compiler import Plan, Program
+from .errors import SimulationError, ValidationError
+from .kernels import ops as K
+from .monitors import Trace
+from .rng import component_rng
+from .units import to_seconds
+
+_CONTROLLER = None
+
+
+def _controller():
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+_HINTS = {
+    K.NONFINITE_RATE: ("a rate became NaN or inf", "lower the learning rate or dt, bound the drive, "
+                       "or check the inputs for NaN."),
+    K.NONFINITE_WEIGHT: ("a weight became NaN or inf", "lower the learning rate (training.lr); "
+                         "the last checkpoint is intact."),
+    K.WEIGHT_RUNAWAY: ("a weight exceeded SGD.max_weight (runaway learning)",
+                       "lower the learning rate (training.lr) or add weight decay; the last "
+                       "checkpoint is intact."),
+}
+
+
+class Simulator:
+    """Run a compiled :class:`~neurosim.compiler.Plan`.
+
+    Parameters
+    ----------
+    plan : Plan
+    threads : int
+        BLAS threads used inside the kernels (default 1: deterministic and fair on shared
+        machines).
+    """
+
+    def __init__(self, plan: Plan, threads: int = 1):
+        if not isinstance(plan, Plan):
+            raise ValidationError("Simulator.plan", f"got {type(plan).__name__}, expected a Plan "
+                                  "from neurosim.compile_plan.")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValidationError("Simulator.threads", f"got {threads!r}, expected an int >= 1.")
+        self.plan = plan
+        self.threads = threads
+        self._initial = plan.mem.copy()
+        self._ws_i = np.zeros(8, np.int32)
+        self._ws_f = np.zeros(2, np.float32)
+        self._info = np.zeros(4, np.int64)
+        self.trial = 0          # trials (minibatches) run so far
+        self.step = 0           # time steps run so far
+        self._records = {m["key"]: [] for m in plan.monitor_meta}
+        self._empty_x = np.zeros((1, 1), np.float32)
+        self._empty_y = np.zeros(1, np.int64)
+        self._empty_o = np.zeros(0, np.int64)
+
+    # -- state access -----------------------------------------------------------------------------
+    @property
+    def weights(self) -> dict:
+        """Read-only views of every projection's weights, (post, pre)."""
+        out = {}
+        for name in self.plan.circuit.projections:
+            v = self.plan.view(f"{name}.W").view()
+            v.setflags(write=False)
+            out[name] = v
+        return out
+
+    def set_weights(self, name: str, value) -> None:
+        """Overwrite a projection's weights (shape (post, pre))."""
+        if name not in self.plan.circuit.projections:
+            raise ValidationError("Simulator.set_weights", f"no projection {name!r} (has "
+                                  f"{sorted(self.plan.circuit.projections)}).")
+        w = self.plan.view(f"{name}.W")
+        a = np.asarray(value, np.float32)
+        if a.shape != w.shape:
+            raise ValidationError(f"Simulator.set_weights({name!r})", f"shape {a.shape}, expected "
+                                  f"(post, pre) = {w.shape}.", "did you pass W.T?")
+        w[...] = a
+
+    def rate(self, pop: str, phase: str | None = None, nb: int | None = None) -> np.ndarray:
+        """A copy of population ``pop``'s rate at the end of ``phase`` (default: first phase)."""
+        phase = phase or self.plan.protocol.phases[0].name
+        key = f"{pop}.r@{phase}"
+        if key not in self.plan.buffer_index:
+            raise ValidationError("Simulator.rate", f"no trace {pop}@{phase} (populations "
+                                  f"{sorted(self.plan.circuit.populations)}, phases "
+                                  f"{[p.name for p in self.plan.protocol.phases]}).")
+        return self.plan.view(key, nb).copy()
+
+    def buffer(self, name: str) -> np.ndarray:
+        """A copy of any named plan buffer (see ``plan.buffer_index``)."""
+        return self.plan.view(name).copy()
+
+    def set_stimulus(self, name: str, value) -> None:
+        """Set a stimulus for free runs: an array (batch, size) or (size,) broadcast."""
+        if name not in self.plan.stimuli:
+            raise ValidationError("Simulator.set_stimulus", f"no stimulus {name!r} (the protocol "
+                                  f"uses {sorted(self.plan.stimuli)}).")
+        v = self.plan.view(f"stim.{name}")
+        a = np.asarray(value, np.float32)
+        try:
+            v[...] = np.broadcast_to(a, v.shape)
+        except ValueError:
+            raise ValidationError(f"Simulator.set_stimulus({name!r})", f"shape {a.shape}, "
+                                  f"expected {v.shape} or ({v.shape[1]},).") from None
+
+    @property
+    def traces(self) -> dict:
+        """Monitor results, key -> :class:`Trace` (with ``t`` in seconds for step monitors and in
+        trials for trial monitors)."""
+        out = {}
+        dt = self.plan.protocol.dt
+        for meta in self.plan.monitor_meta:
+            chunks = self._records[meta["key"]]
+            if chunks:
+                vals = np.concatenate([c[0] for c in chunks])
+                st = np.concatenate([c[1] for c in chunks])
+            else:
+                vals = np.zeros((0, meta["size"]), np.float32)
+                st = np.zeros((0, 2), np.int64)
+            if meta["kind"] == "stat":
+                vals = vals[:, 0]
+            if meta["per"] == "step":
+                t, unit = st[:, 1] * dt, "s"
+            else:
+                t, unit = st[:, 0].astype(np.float64), "trial"
+            out[meta["key"]] = Trace(meta["key"], vals, t, unit, st[:, 0], st[:, 1])
+        return out
+
+    # -- reset ------------------------------------------------------------------------------------
+    def reset(self, *, rates: bool = True, weights: bool = False, optimizer: bool = False,
+              monitors: bool = False) -> None:
+        """Reset chosen parts of the state; nothing is reset implicitly.
+
+        rates: every population rate/drive/scratch buffer (and the time and trial counters);
+        weights: projection weights to their initial values; optimizer: momentum buffers;
+        monitors: recorded traces.
+        """
+        plan = self.plan
+        for name, i in plan.buffer_index.items():
+            is_w = name.endswith(".W")
+            is_v = name.endswith(".V")
+            is_state = ".r@" in name or ".drive@" in name or name.startswith(("scratch.", "stim."))
+            if (rates and is_state) or (weights and is_w) or (optimizer and is_v):
+                off, r, c, b = plan.bufs[i]
+                rows = plan.batch if b else r
+                plan.mem[off:off + rows * c] = self._initial[off:off + rows * c]
+        if rates:
+            self.step = 0
+            self.trial = 0
+        if monitors:
+            self._records = {m["key"]: [] for m in plan.monitor_meta}
+
+    # -- running ----------------------------------------------------------------------------------
+    def _call(self, program: Program, blocks, X, Y, order, start, n_trials, step0,
+              steps_total: int):
+        plan = self.plan
+        meta = plan.monitor_meta
+        rec_meta = np.zeros((max(len(meta), 1), 8), np.int64)
+        voff = soff = 0
+        for m, md in enumerate(meta):
+            if md["per"] == "step":
+                cap = (step0 + steps_total) // md["every"] - step0 // md["every"] + 1
+            else:
+                cap = n_trials // md["every"] + 1
+            size = md["size"]
+            rec_meta[m] = (voff, size, cap, md["every"], md.get("u0", 0),
+                           md.get("u0", 0) + size, md.get("sample", 0), soff)
+            voff += cap * size
+            soff += 2 * cap
+        rec = np.zeros(max(voff, 1), np.float32)
+        stamps = np.zeros(max(soff, 1), np.int64)
+        cnt = np.zeros(max(len(meta), 1), np.int64)
+        with _controller().limit(limits=self.threads, user_api="blas"):
+            status = K.run_trials(plan.mem, plan.bufs, program.prog, program.fprm, blocks, X, Y,
+                                  order, start, n_trials, plan.batch, self.trial, step0,
+                                  plan.keys, rec, stamps, rec_meta, cnt, self._info, self._ws_i,
+                                  self._ws_f)
+        for m, md in enumerate(meta):
+            k = int(cnt[m])
+            if k:
+                off, size = rec_meta[m, 0], rec_meta[m, 1]
+                vals = rec[off:off + k * size].reshape(k, size).copy()
+                if md.get("update_scale") and plan.optimizer.style == "torch":
+                    vals *= program.fprm[program.lr_slots[0], 0] if program.lr_slots else 1.0
+                st = stamps[rec_meta[m, 7]:rec_meta[m, 7] + 2 * k].reshape(k, 2).copy()
+                self._records[md["key"]].append((vals, st))
+        if status != K.OK:
+            self._raise(program, status)
+
+    def _raise(self, program, status):
+        instr, rep, trial, block = (int(v) for v in self._info)
+        section, where = program.where[instr]
+        phase = section.split(":")[0] if ":" in section else section
+        msg, hint = _HINTS.get(status, (f"kernel status {status}", None))
+        kw = {}
+        if where.startswith("population "):
+            kw["population"] = where.split("'")[1]
+        elif where.startswith("projection "):
+            kw["projection"] = where.split("'")[1]
+        step = rep if section.endswith(":loop") else None
+        raise SimulationError(f"{msg} at trial {trial}", phase=phase, step=step, hint=hint, **kw)
+
+    def set_lr(self, lr: float) -> None:
+        for i in self.plan.train.lr_slots:
+            self.plan.train.fprm[i, 0] = lr
+
+    def train(self, X, Y, order=None, *, chunk: int = 64, progress=None) -> int:
+        """Train on the minibatches ``order`` (default: all rows in order) of (X, Y).
+
+        Returns the number of trials run. ``progress`` is an optional callable receiving the
+        number of samples done after each chunk of ``chunk`` minibatches.
+        """
+        X, Y, order = self._data(X, Y, order, "Simulator.train")
+        B = self.plan.batch
+        n_trials = -(-len(order) // B)
+        done = 0
+        while done < n_trials:
+            n = min(chunk, n_trials - done)
+            step0 = self.step
+            self._call(self.plan.train, self.plan.train.blocks, X, Y, order, done * B, n, step0,
+                       n * self.plan.train.steps_per_trial)
+            self.step += n * self.plan.train.steps_per_trial
+            self.trial += n
+            done += n
+            if progress is not None:
+                progress(min(done * B, len(order)))
+        return n_trials
+
+    def predict(self, X, batch: int | None = None) -> np.ndarray:
+        """Class predictions: argmax of the output population after the inference phase."""
+        plan = self.plan
+        if plan.output is None:
+            raise ValidationError("Simulator.predict", "the circuit has no output population to "
+                                  "classify (no error population and no output= at compile).")
+        X, _, order = self._data(X, None, None, "Simulator.predict")
+        pred = np.zeros(len(order), np.int64)
+        out_buf = plan.buffer_index[f"{plan.output}.r@{plan.protocol.inference_phase}"]
+        Y = np.zeros(len(order), np.int64)
+        with _controller().limit(limits=self.threads, user_api="blas"):
+            status = K.predict(plan.mem, plan.bufs, plan.infer.prog, plan.infer.fprm,
+                               plan.infer.blocks, X, Y, order, plan.batch, plan.keys, out_buf,
+                               pred, self._info, self._ws_i, self._ws_f)
+        if status != K.OK:
+            self._raise(plan.infer, status)
+        return pred
+
+    def evaluate(self, X, Y) -> float:
+        """Classification accuracy in [0, 1]."""
+        X, Y, _ = self._data(X, Y, None, "Simulator.evaluate")
+        return float(np.mean(self.predict(X) == Y))
+
+    def run(self, duration=None, *, steps: int | None = None, phase: str | None = None) -> None:
+        """Free-run one phase in time mode for ``duration`` (or ``steps``), continuing the
+        current state. Stimuli come from :meth:`set_stimulus`. Running 100 then 200 steps equals
+        running 300."""
+        plan = self.plan
+        if plan.protocol.mode != "time":
+            raise ValidationError("Simulator.run", "free runs need a time-mode protocol "
+                                  "(Protocol(mode='time')).", "use train() for steady mode.")
+        phase = phase or plan.protocol.phases[0].name
+        if phase not in plan.free:
+            raise ValidationError("Simulator.run.phase", f"got {phase!r}, expected one of "
+                                  f"{list(plan.free)}.")
+        if (duration is None) == (steps is None):
+            raise ValidationError("Simulator.run", "give exactly one of duration or steps.")
+        if steps is None:
+            steps = int(round(to_seconds(duration, "Simulator.run.duration") / plan.protocol.dt))
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValidationError("Simulator.run.steps", f"got {steps!r}, expected an int >= 0.")
+        if steps == 0:
+            return
+        prog = plan.free[phase]
+        blocks = prog.blocks.copy()
+        for i, sec in enumerate(prog.block_sections):
+            if sec.endswith(":loop"):
+                blocks[i, 2] = steps
+        self._call(prog, blocks, self._empty_x, self._empty_y, self._empty_o, 0, 1, self.step,
+                   steps)
+        self.step += steps
+
+    def _data(self, X, Y, order, where):
+        X = np.asarray(X)
+        if X.ndim != 2 or X.dtype != np.float32:
+            if X.ndim != 2:
+                raise ValidationError(f"{where}.X", f"shape {X.shape}, expected (samples, "
+                                      "features).")
+            X = X.astype(np.float32)
+        if not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X)
+        if "x" in self.plan.stimuli:
+            need = self.plan.view("stim.x").shape[1]
+            if X.shape[1] != need:
+                raise ValidationError(f"{where}.X", f"{X.shape[1]} features per sample, the "
+                                      f"input expects {need}.")
+        if Y is not None:
+            Y = np.asarray(Y)
+            if Y.shape != (X.shape[0],):
+                raise ValidationError(f"{where}.Y", f"shape {Y.shape}, expected ({X.shape[0]},).")
+            Y = Y.astype(np.int64, copy=False)
+            ncls = self.plan.view("stim.t").shape[1] if "t" in self.plan.stimuli else None
+            if ncls is not None and len(Y) and (Y.min() < 0 or Y.max() >= ncls):
+                raise ValidationError(f"{where}.Y", f"labels in [{Y.min()}, {Y.max()}], "
+                                      f"expected [0, {ncls - 1}].")
+        else:
+            Y = np.zeros(X.shape[0], np.int64)
+        if order is None:
+            order = np.arange(X.shape[0], dtype=np.int64)
+        else:
+            order = np.asarray(order, np.int64)
+        return X, Y, order
+
+    # -- checkpoint support -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically: arena, counters, traces."""
+        return {"mem": self.plan.mem.copy(), "trial": self.trial, "step": self.step,
+                "records": {k: [(v.copy(), s.copy()) for v, s in c]
+                            for k, c in self._records.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mem = np.asarray(state["mem"], np.float32)
+        if mem.shape != self.plan.mem.shape:
+            raise ValidationError("Simulator.load_state_dict", f"arena of {mem.shape[0]} floats, "
+                                  f"this plan has {self.plan.mem.shape[0]}; the checkpoint was "
+                                  "made from another circuit or batch size.")
+        self.plan.mem[...] = mem
+        self.trial = int(state["trial"])
+        self.step = int(state["step"])
+        self._records = {k: list(v) for k, v in state.get("records", {}).items()}
+        for m in self.plan.monitor_meta:
+            self._records.setdefault(m["key"], [])
+
+
+def shuffled_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The training order of ``epoch``: a permutation drawn from the 'shuffle:<epoch>' stream."""
+    return component_rng(seed, f"shuffle:{epoch}").permutation(n).astype(np.int64)

@@ -1,0 +1,86 @@
+"""Time and rate parameters: plain floats in SI units, brian2 quantities, or unit strings.
+
+brian2 is imported only when a brian2 object is actually passed, so parsing a scenario never
+pays brian2's import time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import ValidationError
+
+_TIME_UNITS = {"s": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msecond": 1e-3,
+               "us": 1e-6, "usecond": 1e-6, "µs": 1e-6, "ns": 1e-9, "nsecond": 1e-9,
+               "min": 60.0, "minute": 60.0}
+_RATE_UNITS = {"hz": 1.0, "khz": 1e3, "mhz": 1e6}
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_PATTERN = re.compile(rf"^\s*({_NUM})\s*\*?\s*([A-Za-zµ]+)\s*$")
+
+
+def _is_brian_quantity(value) -> bool:
+    return type(value).__module__.startswith("brian2") and hasattr(value, "dim")
+
+
+def to_seconds(value, where: str, *, allow_zero: bool = True) -> float:
+    """Convert a time parameter to seconds (float).
+
+    Accepts a float/int (seconds), a brian2 quantity with the dimension of time (``10*ms``) or a
+    string (``"10 ms"``, ``"0.1ms"``, ``"2 s"``). Raises :class:`ValidationError` naming
+    ``where`` for a wrong dimension, a negative or non-finite value, or an unknown unit.
+    """
+    seconds = _convert(value, where, _TIME_UNITS, "time", "second")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValidationError(where, f"got {value!r}, expected a time {bound}.",
+                              "times are in seconds unless a unit is given, e.g. '10 ms'.")
+    return seconds
+
+
+def to_hertz(value, where: str) -> float:
+    """Convert a rate parameter (float in Hz, brian2 quantity, or ``"5 Hz"``) to Hz."""
+    return _convert(value, where, _RATE_UNITS, "rate", "hertz")
+
+
+def _convert(value, where, table, kind, si_name):
+    if isinstance(value, bool):
+        raise ValidationError(where, f"got the boolean {value!r}, expected a {kind}.")
+    if _is_brian_quantity(value):
+        from brian2 import Quantity, get_dimensions
+        from brian2.units import second, hertz
+
+        target = second if kind == "time" else hertz
+        if get_dimensions(value) != get_dimensions(target):
+            raise ValidationError(
+                where, f"got {value!r} with dimensions {get_dimensions(value)}, expected a {kind} "
+                f"(dimension of {si_name}).", f"write it as e.g. 10*ms" if kind == "time" else None)
+        out = float(Quantity(value) / target)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        m = _PATTERN.match(value)
+        if m is None:
+            try:
+                out = float(value)
+            except ValueError:
+                raise ValidationError(where, f"could not read {value!r} as a {kind}.",
+                                      f"write a number with a unit, e.g. "
+                                      f"{'10 ms' if kind == 'time' else '5 Hz'}.") from None
+        else:
+            unit = m.group(2)
+            factor = table.get(unit, table.get(unit.lower()))
+            if factor is None:
+                raise ValidationError(
+                    where, f"unknown or wrong-dimension unit {unit!r} in {value!r}; expected a {kind} "
+                    f"unit, one of {sorted(set(table))}.")
+            out = float(m.group(1)) * factor
+    else:
+        try:  # numpy scalars
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a {kind} "
+                                  "(float in SI units, brian2 quantity, or string like '10 ms').") from None
+    if not math.isfinite(out):
+        raise ValidationError(where, f"got {value!r}, expected a finite {kind}.")
+    return out
