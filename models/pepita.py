@@ -80,3 +80,38 @@ def build_pepita_network(sizes=(784, 1024, 10), *, convention="icml2022", f_scal
 def f_limit(d_in: int, f_scale: float = 0.05) -> float:
     """Half-width of F's uniform distribution: f_scale * sqrt(6 / d_in)."""
     return f_scale * math.sqrt(6.0 / d_in)
+
+
+# -- scenario registration ------------------------------------------------------------------------
+PEPITA_SCHEMA = {
+    "sizes": ("list[int]", [784, 1024, 10]),
+    "convention": (("icml2022", "iclr2024"), "icml2022"),
+    "f_scale": ("float+", 0.05),
+    "dropout": ("prob", 0.1),
+    "hidden": (("relu", "tanh", "sigmoid", "erf", "identity"), "relu"),
+    "presynaptic": (("modulated", "clean"), "modulated"),
+    "last_layer_error": (("modulated", "clean", None), None),
+}
+
+
+def _from_settings(s):
+    m, sim = s["model"], s["simulation"]
+    if len(m["sizes"]) < 3 or min(m["sizes"]) < 1:
+        raise ValidationError("model.sizes", f"got {m['sizes']}, expected [d_in, hidden..., "
+                              "n_out] with at least one hidden layer and sizes >= 1.")
+    net = build_pepita_network(tuple(m["sizes"]), convention=m["convention"],
+                               f_scale=m["f_scale"], dropout=m["dropout"], hidden=m["hidden"],
+                               mode=sim["mode"], tau=sim["tau"], dt=sim["dt"],
+                               phase_duration=sim["phase_duration"], method=sim["method"],
+                               presynaptic=m["presynaptic"],
+                               last_layer_error=m["last_layer_error"])
+    return net.circuit, net.protocol, [net.rule], "output"
+
+
+def _register():
+    from neurosim.scenario import register_model
+
+    register_model("pepita", PEPITA_SCHEMA, _from_settings)
+
+
+_register()

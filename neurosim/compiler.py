@@ -345,6 +345,9 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     err = errors[0] if errors else None
     if output is None and err is not None:
         output = err.output
+    if output is not None and output not in circuit.populations:
+        raise ValidationError("compile.output", f"no population {output!r}.")
+    pb._output = output
 
     # -- fixed buffers: weights, velocities, biases, masks, stimuli -------------------------------
     for proj in circuit.projections.values():
@@ -367,6 +370,7 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
             _stim(pb, stimuli, stim, circuit.populations[pop].size, f"Phase({ph.name!r}).clamp")
     for e in errors:
         _stim(pb, stimuli, e.target, e.size, f"ErrorPopulation({e.name!r}).target")
+    pb._stimuli = stimuli
 
     def build(kind: str, only_phase=None) -> Program:
         sel = [p for p in phases if only_phase is None or p.name == only_phase]
@@ -547,6 +551,27 @@ def _alpha(protocol, pop):
     return a
 
 
+def _invariant(circuit, ph, dyn_names, stim_of) -> set:
+    """Populations whose rate cannot change during the phase's time loop: instantaneous ones
+    fed only by stimuli, held traces and other invariant populations."""
+    inv = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, pop in circuit.populations.items():
+            if name in inv or name in dyn_names:
+                continue
+            if isinstance(pop, ErrorPopulation):
+                ok = pop.output in inv
+            else:
+                ok = all(p.pre_phase is not None or p.pre_population in inv
+                         for p in circuit.incoming(name) if _active(p, ph))
+            if ok:
+                inv.add(name)
+                changed = True
+    return inv
+
+
 def _build_phase(pb, prb, ph, prev, training, kind):
     circuit, protocol = pb.circuit, pb.protocol
     time_mode = protocol.mode == "time"
@@ -556,6 +581,10 @@ def _build_phase(pb, prb, ph, prev, training, kind):
     inst_order = _topo(circuit, ph, inst)
     stim_of = dict(ph.clamp)
     reset = ph.reset if ph.reset is not None else prev is None
+    inv = _invariant(circuit, ph, {p.name for p in dyn}, stim_of) if time_mode else set()
+    # loop-invariant drives of dynamic populations are computed once, before the loop
+    dyn_const = [p for p in dyn if all(q.pre_phase is not None or q.pre_population in inv
+                                       for q in circuit.incoming(p.name) if _active(q, ph))]
     if time_mode:
         # a free-run program holds one step; Simulator.run sets the number of repeats
         prb.repeat[f"{ph.name}:loop"] = 1 if kind == "free" else protocol.n_steps(ph)
@@ -569,15 +598,24 @@ def _build_phase(pb, prb, ph, prev, training, kind):
                     pb.copy(r, pb.rate(p.name, prev.name), f"population {p.name!r} (continue)")
         for name in inst_order:
             _eval_inst(pb, ph, circuit.populations[name], training, stim_of)
+        for p in dyn_const:
+            _emit_drive(pb, ph, p, stim_of)
     if time_mode:
         with pb.at(f"{ph.name}:loop"):
             # explicit (Jacobi) step: every drive from the state at t, then every rate to t + dt,
-            # then the instantaneous populations at t + dt
-            drives = [_emit_drive(pb, ph, p, stim_of) for p in dyn]
+            # then the instantaneous populations at t + dt (invariant ones are not recomputed)
+            drives = [pb.drive(p.name, ph.name) if p in dyn_const else
+                      _emit_drive(pb, ph, p, stim_of) for p in dyn]
             for p, d in zip(dyn, drives):
                 _emit_rate(pb, ph, p, d, True, training, _alpha(protocol, p))
             for name in inst_order:
-                _eval_inst(pb, ph, circuit.populations[name], training, stim_of)
+                if name not in inv:
+                    _eval_inst(pb, ph, circuit.populations[name], training, stim_of)
+    if training and kind == "train" and ph.name == protocol.inference_phase and \
+            pb._output is not None and "t" in pb._stimuli:
+        with pb.at(f"{ph.name}:post"):
+            pb.emit(K.COUNT_CORRECT, (pb.rate(pb._output, ph.name), pb.buffer("stats.correct", 1, 2)),
+                    (), "training accuracy")
 
 
 def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):

@@ -23,7 +23,8 @@ from .rng import uniform01
 
 # ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
 NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, \
-    SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL = range(21)
+    SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT = \
+    range(22)
 
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
@@ -408,6 +409,20 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batc
                             stamps[rec_meta[m, 7] + 2 * k] = trial
                             stamps[rec_meta[m, 7] + 2 * k + 1] = step
                             rec_cnt[m] = k + 1
+                    elif op == COUNT_CORRECT:
+                        # stats[0, 0] += correct argmax predictions, stats[0, 1] += rows
+                        o = _view(mem, bufs, a, nb)
+                        stt = _view(mem, bufs, prog[i, 2], nb)
+                        good = 0
+                        for b in range(nb):
+                            best = 0
+                            for c in range(1, o.shape[1]):
+                                if o[b, c] > o[b, best]:
+                                    best = c
+                            if best == Y[order[s0 + b]]:
+                                good += 1
+                        stt[0, 0] += good
+                        stt[0, 1] += nb
                     elif op == GUARD:
                         if trial % a != 0:
                             i += prog[i, 2]

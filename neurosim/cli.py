@@ -1,0 +1,91 @@
+"""Command line: ``neurosim run | validate`` (argument parsing and printing only)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import NeurosimError, ValidationError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neurosim", description="Rate-based simulation of "
+                                "forward-only learning (PEPITA, Forward-Forward, FA family).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a scenario (training + evaluation) into a run directory")
+    r.add_argument("scenario", nargs="?", help="TOML scenario file")
+    r.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    r.add_argument("--data", help="folder holding the dataset's own files (e.g. the four MNIST "
+                   "IDX files); default: $NEUROSIM_DATA/<dataset>, then the user cache")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key, e.g. --set training.epochs=3 (repeatable)")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last "
+                   "checkpoint (uses DIR/scenario.toml)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v = sub.add_parser("validate", help="check a scenario (and build its circuit) without running")
+    v.add_argument("scenario")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        return _run(args)
+    except NeurosimError as e:
+        print(f"neurosim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurosim: interrupted; the last checkpoint is intact (continue with --resume).",
+              file=sys.stderr)
+        return 130
+
+
+def _validate(args) -> int:
+    from . import scenario as sc
+    from .training import make_simulator
+
+    settings = sc.load(args.scenario, args.overrides)
+    sim = make_simulator(settings)
+    plan = sim.plan
+    print(f"{args.scenario}: OK — model {settings['model']['name']!r}, "
+          f"{len(plan.circuit.populations)} populations, {len(plan.circuit.projections)} "
+          f"projections, mode {plan.protocol.mode}, {len(plan.train.prog)} instructions per trial, "
+          f"arena {plan.mem.nbytes / 2**20:.1f} MiB")
+    return 0
+
+
+def _run(args) -> int:
+    from . import scenario as sc
+    from .training import run
+
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "scenario.toml").is_file():
+            raise ValidationError("--resume", f"{str(out)!r} has no scenario.toml; it is not a "
+                                  "run directory.")
+        if args.scenario:
+            print("neurosim: note: --resume uses the run directory's scenario.toml; the "
+                  "scenario argument is ignored.", file=sys.stderr)
+        settings = sc.load(out / "scenario.toml", args.overrides)
+    else:
+        if not args.scenario:
+            raise ValidationError("run", "no scenario given.", "neurosim run scenarios/pepita_mnist.toml")
+        settings = sc.load(args.scenario, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / (
+            f"{settings['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = run(settings, out, data_dir=args.data, resume=bool(args.resume),
+                  progress=not args.no_progress)
+    acc = summary["final_test_accuracy"]
+    print(f"run directory: {out}")
+    print(f"final test accuracy: {acc:.4f}" if acc is not None else "no evaluation")
+    print(f"wall time: {summary['wall_s']:.1f} s, {summary['mean_samples_per_s']:.0f} samples/s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Scenario files: TOML -> validated settings, with key-path errors.
+
+A scenario has the sections ``[model]``, ``[data]``, ``[training]``, ``[simulation]`` and an
+optional array ``[[monitor]]``. Every key is checked against :data:`SCHEMA` (unknown keys, wrong
+types and bad values raise :class:`ValidationError` naming ``section.key``). ``--set
+section.key=value`` overrides use the same checks. Models register a builder with
+:func:`register_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import sys
+from pathlib import Path
+
+from .errors import ValidationError
+from .units import to_seconds
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_MODELS: dict = {}
+
+
+def register_model(name: str, schema: dict, builder):
+    """Register a model: ``schema`` lists its ``[model]`` keys as ``key: (kind, default)``;
+    ``builder(settings) -> (circuit, protocol, rules, output)``."""
+    _MODELS[name] = (schema, builder)
+
+
+def _models():
+    if not _MODELS:
+        import neurosim.models  # noqa: F401  (registers the ready-made models)
+    return _MODELS
+
+
+# kind: "int+", "int0", "float+", "float0", "prob", "bool", "str", "time", "list[int]", choice tuple
+SCHEMA = {
+    "name": ("str", "scenario"),
+    "description": ("str", ""),
+    "data": {
+        "dataset": (("mnist", "fashion-mnist", "cifar10", "cifar100"), "mnist"),
+        "train_limit": ("int+?", None),
+        "test_limit": ("int+?", None),
+        "dir": ("str?", None),
+    },
+    "training": {
+        "epochs": ("int+", 1),
+        "batch_size": ("int+", 64),
+        "lr": ("float+", 0.1),
+        "momentum": ("mom", 0.9),
+        "weight_decay": ("float0", 0.0),
+        "optimizer": (("reference", "torch"), "reference"),
+        "milestones": ("list[int]", []),
+        "gamma": ("float+", 0.1),
+        "max_weight": ("float+", 1e4),
+        "seed": ("int0", 0),
+        "threads": ("int+", 1),
+        "eval_every": ("int+", 1),
+        "keep_checkpoints": ("int+", 2),
+        "chunk": ("int+", 32),
+    },
+    "simulation": {
+        "mode": (("steady", "time"), "steady"),
+        "dt": ("time", 1e-3),
+        "tau": ("time", 0.01),
+        "phase_duration": ("time", 0.1),
+        "method": (("euler", "exp_euler"), "euler"),
+    },
+}
+MONITOR_SCHEMA = {"target": ("str", None), "phase": ("str?", None), "every": ("int+", 1),
+                  "per": (("step", "trial", None), None), "units": ("list[int]?", None),
+                  "sample": ("sample", 0), "name": ("str?", None)}
+
+
+def _check(kind, value, where):
+    optional = isinstance(kind, str) and kind.endswith("?")
+    if optional:
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if isinstance(kind, tuple):
+        if value not in kind:
+            close = difflib.get_close_matches(str(value), [str(k) for k in kind if k], n=1)
+            raise ValidationError(where, f"got {value!r}, expected one of "
+                                  f"{[k for k in kind if k is not None]}.",
+                                  f"did you mean {close[0]!r}?" if close else None)
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a string.")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValidationError(where, f"got {value!r}, expected true or false.")
+        return value
+    if kind in ("int+", "int0"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected an integer.")
+        low = 1 if kind == "int+" else 0
+        if value < low:
+            raise ValidationError(where, f"got {value}, expected an integer >= {low}.")
+        return value
+    if kind in ("float+", "float0", "mom", "prob"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a number.")
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValidationError(where, f"got {value!r}, expected a finite number.")
+        if kind == "float+" and v <= 0:
+            raise ValidationError(where, f"got {v}, expected a number > 0.")
+        if kind == "float0" and v < 0:
+            raise ValidationError(where, f"got {v}, expected a number >= 0.")
+        if kind in ("mom", "prob") and not 0 <= v < 1:
+            raise ValidationError(where, f"got {v}, expected a number in [0, 1).")
+        return v
+    if kind == "time":
+        return to_seconds(value, where, allow_zero=False)
+    if kind == "list[int]":
+        if not isinstance(value, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+            raise ValidationError(where, f"got {value!r}, expected a list of non-negative integers.")
+        return list(value)
+    if kind == "sample":
+        if value == "mean":
+            return value
+        return _check("int0", value, where)
+    raise ValidationError(where, f"internal: unknown kind {kind!r}")  # pragma: no cover
+
+
+def _check_section(raw, schema, where) -> dict:
+    if not isinstance(raw, dict):
+        raise ValidationError(where, f"got {type(raw).__name__}, expected a table [{where}].")
+    out = {}
+    for key, value in raw.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            raise ValidationError(f"{where}.{key}", f"unknown key; {where} takes "
+                                  f"{sorted(schema)}.", f"did you mean {close[0]!r}?" if close else None)
+        kind, _ = schema[key]
+        out[key] = _check(kind, value, f"{where}.{key}")
+    for key, (kind, default) in schema.items():
+        if key not in out:
+            if default is None and not (isinstance(kind, str) and kind.endswith("?")) and \
+                    not (isinstance(kind, tuple) and None in kind):
+                raise ValidationError(f"{where}.{key}", "missing; this key is required.")
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def validate(raw: dict) -> dict:
+    """Validate a parsed scenario dict; returns settings with every default filled in."""
+    if not isinstance(raw, dict):
+        raise ValidationError("scenario", f"got {type(raw).__name__}, expected a table.")
+    out = {}
+    known = set(SCHEMA) | {"model", "monitor"}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValidationError(key, f"unknown top-level key; a scenario has {sorted(known)}.",
+                                  f"did you mean {close[0]!r}?" if close else None)
+    for key, spec in SCHEMA.items():
+        if isinstance(spec, dict):
+            out[key] = _check_section(raw.get(key, {}), spec, key)
+        else:
+            out[key] = _check(spec[0], raw.get(key, spec[1]), key)
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise ValidationError("model", "missing or not a table; a scenario needs [model] with a "
+                              f"'name' (one of {sorted(_models())}).")
+    name = model.get("name")
+    models = _models()
+    if name not in models:
+        close = difflib.get_close_matches(str(name), list(models), n=1)
+        raise ValidationError("model.name", f"got {name!r}, expected one of {sorted(models)}.",
+                              f"did you mean {close[0]!r}?" if close else None)
+    schema = dict(models[name][0])
+    schema["name"] = ("str", name)
+    out["model"] = _check_section(model, schema, "model")
+    mons = raw.get("monitor", [])
+    if not isinstance(mons, list):
+        raise ValidationError("monitor", "expected an array of tables [[monitor]].")
+    out["monitor"] = [_check_section(m, MONITOR_SCHEMA, f"monitor[{i}]") for i, m in enumerate(mons)]
+    tr = out["training"]
+    if tr["milestones"] != sorted(tr["milestones"]):
+        raise ValidationError("training.milestones", f"got {tr['milestones']}, expected increasing "
+                              "epochs.")
+    return out
+
+
+def load(path, overrides=()) -> dict:
+    """Read a TOML scenario file, apply ``section.key=value`` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError("scenario", f"file {str(path)!r} not found.",
+                              "give the path to a .toml file, e.g. scenarios/pepita_mnist.toml.")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValidationError(str(path), f"not valid TOML: {e}.") from None
+    apply_overrides(raw, overrides)
+    return validate(raw)
+
+
+def apply_overrides(raw: dict, overrides) -> None:
+    """Apply ``section.key=value`` strings in place; values are parsed as TOML (``lr=0.05``,
+    ``mode="time"`` or ``mode=time``)."""
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValidationError("--set", f"got {item!r}, expected section.key=value.")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) != 2 or not all(keys):
+            raise ValidationError("--set", f"got {path!r}, expected section.key (e.g. training.lr).")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()
+        section = raw.setdefault(keys[0], {})
+        if not isinstance(section, dict):
+            raise ValidationError(f"--set {path}", f"{keys[0]!r} is not a section.")
+        section[keys[1]] = parsed
+
+
+def to_toml(settings: dict) -> str:
+    """The resolved scenario as TOML (None values omitted)."""
+    import tomli_w
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return tomli_w.dumps(clean(settings))
+
+
+def build(settings: dict):
+    """Build ``(circuit, protocol, rules, output)`` for validated settings."""
+    return _models()[settings["model"]["name"]][1](settings)
