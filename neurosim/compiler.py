@@ -42,6 +42,7 @@ class Program:
     records: list = field(default_factory=list)    # (monitor index, section) recorded here
     steps_per_trial: int = 0
     block_sections: list = field(default_factory=list)
+    lr2_slots: list = field(default_factory=list)  # fused GEMMs: fprm[:, 2] is lr
 
 
 @dataclass
@@ -93,12 +94,15 @@ class _ProgramBuilder:
 
     def finish(self) -> Program:
         prog, fprm, blocks, where, lr_slots, records = [], [], [], [], [], []
-        names = []
+        names, lr2_slots = [], []
         for s, items in self.sections.items():
             start = len(prog)
             for iv, fv, w in items:
                 if isinstance(w, tuple) and w and w[0] == "lr":
                     lr_slots.append(len(prog))
+                    w = w[1]
+                elif isinstance(w, tuple) and w and w[0] == "lr2":
+                    lr2_slots.append(len(prog))
                     w = w[1]
                 prog.append(iv)
                 fprm.append(fv)
@@ -110,7 +114,7 @@ class _ProgramBuilder:
         return Program(np.asarray(prog, np.int64).reshape(-1, 8),
                        np.asarray(fprm, np.float64).reshape(-1, 6),
                        np.asarray(blocks, np.int64).reshape(-1, 4), where, lr_slots, records,
-                       steps, names)
+                       steps, names, lr2_slots)
 
 
 class PlanBuilder:
@@ -310,7 +314,8 @@ def _topo(circuit: Circuit, phase, members: list[str]) -> list[str]:
 
 
 def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: SGD | None = None,
-                 monitors=(), batch: int = 1, seed: int = 0, output: str | None = None) -> Plan:
+                 monitors=(), batch: int = 1, seed: int = 0, output: str | None = None,
+                 fuse: bool = True) -> Plan:
     """Compile descriptions into a :class:`Plan`.
 
     Parameters
@@ -326,6 +331,10 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     output : str, optional
         Population classified by argmax in :meth:`Simulator.predict` (default: the output of
         the error population, if any).
+    fuse : bool
+        Fold the momentum update into the GEMM that produces a projection's update when that
+        is exact (one GEMM writes dW, no weight decay): ``V = m V + (lr/B) post^T pre`` in one
+        BLAS call, saving two passes over the weight-sized arrays. False keeps dW explicit.
     """
     if not isinstance(circuit, Circuit):
         raise ValidationError("compile.circuit", f"got {type(circuit).__name__}, expected Circuit.")
@@ -416,8 +425,10 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                                                   "but a rule updates it.")
                         post, pre = circuit.shape_of(proj)
                         v = pb.buffer(f"{name}.V", post, pre)
-                        pb.emit(K.SGD, (pb.weight(name), v, pb._index[f"{name}.dW"],
-                                        optimizer.style_code),
+                        style = optimizer.style_code
+                        if fuse and _fuse_momentum(prb, pb, name, v, optimizer):
+                            style += 2
+                        pb.emit(K.SGD, (pb.weight(name), v, pb._index[f"{name}.dW"], style),
                                 (optimizer.lr, optimizer.momentum, optimizer.weight_decay,
                                  optimizer.max_weight), ("lr", f"projection {name!r}"))
         if kind == "train":
@@ -446,6 +457,31 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     for name, arr in pb._init.items():
         plan.view(name)[...] = arr
     return plan
+
+
+def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
+    """Rewrite ``dW = post^T pre`` (the only write of dW in the trial) into
+    ``V = m V + alpha post^T pre`` with alpha = lr/nb (reference) or 1/nb (torch) at run time."""
+    if optimizer.weight_decay != 0.0:
+        return False
+    dw = pb._index[f"{name}.dW"]
+    hits = []
+    for sec, items in prb.sections.items():
+        for k, (iv, fv, w) in enumerate(items):
+            if dw in iv[1:6]:
+                hits.append((sec, k, iv, fv))
+    if len(hits) != 1:
+        return False
+    sec, k, iv, fv = hits[0]
+    if iv[0] != K.GEMM or iv[1] != dw or fv[1] != 0.0 or sec != "trial_end":
+        return False
+    iv[1] = v
+    fv[1] = optimizer.momentum
+    iv[6] = 1
+    fv[2] = optimizer.lr if optimizer.style == "reference" else 1.0
+    w = prb.sections[sec][k][2]
+    prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
+    return True
 
 
 def _stim(pb, stimuli, name, size, where):

@@ -216,8 +216,11 @@ class Simulator:
         raise SimulationError(f"{msg} at trial {trial}", phase=phase, step=step, hint=hint, **kw)
 
     def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every optimizer step (and of fused momentum GEMMs)."""
         for i in self.plan.train.lr_slots:
             self.plan.train.fprm[i, 0] = lr
+        for i in self.plan.train.lr2_slots:
+            self.plan.train.fprm[i, 2] = lr
 
     def train(self, X, Y, order=None, *, chunk: int = 64, progress=None) -> int:
         """Train on the minibatches ``order`` (default: all rows in order) of (X, Y).

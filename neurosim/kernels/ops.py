@@ -85,25 +85,46 @@ def softmax_rows(out, x):
             out[b, j] *= inv
 
 
+@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+def all_finite(a):
+    """True if every element is finite: sum of (x - x) is 0 for finite x and NaN otherwise
+    (reassociation only, so the reduction vectorises; no no-NaN assumptions)."""
+    s = np.float32(0.0)
+    for b in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            s += a[b, j] - a[b, j]
+    return s == 0.0
+
+
+@njit(cache=True)
+def apply_f(out, x, code):
+    """``out = f(x)`` element-wise (softmax row-wise), one specialised loop per code."""
+    if code == SOFTMAX:
+        softmax_rows(out, x)
+    elif code == RELU:
+        for b in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                v = x[b, j]
+                out[b, j] = v if v > 0.0 else np.float32(0.0)
+    elif code == IDENTITY:
+        for b in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                out[b, j] = x[b, j]
+    else:
+        for b in range(x.shape[0]):
+            for j in range(x.shape[1]):
+                out[b, j] = _f(code, x[b, j])
+
+
 @njit(cache=True)
 def transfer(r, drive, code, mask, use_mask):
     """``r = f(drive) [* mask]``; returns False if a result is not finite."""
-    if code == SOFTMAX:
-        softmax_rows(r, drive)
-    else:
-        for b in range(r.shape[0]):
-            for j in range(r.shape[1]):
-                r[b, j] = _f(code, drive[b, j])
+    apply_f(r, drive, code)
     if use_mask:
         for b in range(r.shape[0]):
             for j in range(r.shape[1]):
                 r[b, j] *= mask[b, j]
-    ok = True
-    for b in range(r.shape[0]):
-        for j in range(r.shape[1]):
-            if not np.isfinite(r[b, j]):
-                ok = False
-    return ok
+    return all_finite(r)
 
 
 @njit(cache=True)
@@ -117,6 +138,18 @@ def euler(r, drive, code, mask, use_mask, alpha, tmp):
         for b in range(r.shape[0]):
             for j in range(r.shape[1]):
                 r[b, j] += a * (tmp[b, j] - r[b, j])
+    elif code == RELU:
+        for b in range(r.shape[0]):
+            if use_mask:
+                for j in range(r.shape[1]):
+                    v = drive[b, j]
+                    target = (v if v > 0.0 else np.float32(0.0)) * mask[b, j]
+                    r[b, j] += a * (target - r[b, j])
+            else:
+                for j in range(r.shape[1]):
+                    v = drive[b, j]
+                    target = v if v > 0.0 else np.float32(0.0)
+                    r[b, j] += a * (target - r[b, j])
     else:
         for b in range(r.shape[0]):
             for j in range(r.shape[1]):
@@ -124,12 +157,7 @@ def euler(r, drive, code, mask, use_mask, alpha, tmp):
                 if use_mask:
                     target *= mask[b, j]
                 r[b, j] += a * (target - r[b, j])
-    ok = True
-    for b in range(r.shape[0]):
-        for j in range(r.shape[1]):
-            if not np.isfinite(r[b, j]):
-                ok = False
-    return ok
+    return all_finite(r)
 
 
 @njit(cache=True)
@@ -159,6 +187,8 @@ def sgd_step(W, V, dW, lr, momentum, wd, style, nb, limit):
 
     style 0 (reference PEPITA code): ``V = m V + lr (dW/nb + wd W); W -= V``.
     style 1 (torch SGD):             ``V = m V + (dW/nb + wd W);    W -= lr V``.
+    styles 2 and 3: the momentum update was fused into the GEMM that produced the update (V
+    already holds the new velocity); only ``W -= V`` (2) or ``W -= lr V`` (3) remains.
     Returns a status: OK, NONFINITE_WEIGHT or WEIGHT_RUNAWAY (``|W| > limit``)."""
     inv = np.float32(1.0 / nb)
     m = np.float32(momentum)
@@ -166,6 +196,19 @@ def sgd_step(W, V, dW, lr, momentum, wd, style, nb, limit):
     wd32 = np.float32(wd)
     lim = np.float32(limit)
     status = OK
+    if style >= 2:
+        s = lr32 if style == 3 else np.float32(1.0)
+        bad = False
+        big = False
+        for i in range(W.shape[0]):
+            for j in range(W.shape[1]):
+                w = W[i, j] - s * V[i, j]
+                W[i, j] = w
+                bad |= not np.isfinite(w)
+                big |= abs(w) > lim
+        if bad:
+            return NONFINITE_WEIGHT
+        return WEIGHT_RUNAWAY if big else OK
     for i in range(W.shape[0]):
         for j in range(W.shape[1]):
             g = dW[i, j] * inv + wd32 * W[i, j]
@@ -272,7 +315,10 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batc
                     op = prog[i, 0]
                     a = prog[i, 1]
                     if op == GEMM:
-                        gemm_rm(prog[i, 4] == 1, prog[i, 5] == 1, fprm[i, 0],
+                        alpha = fprm[i, 0]
+                        if prog[i, 6] == 1:  # fused optimizer step: alpha * lr / nb
+                            alpha = alpha * fprm[i, 2] / nb
+                        gemm_rm(prog[i, 4] == 1, prog[i, 5] == 1, alpha,
                                 _view(mem, bufs, prog[i, 2], nb), _view(mem, bufs, prog[i, 3], nb),
                                 fprm[i, 1], _view(mem, bufs, a, nb), ws_i, ws_f)
                     elif op == TRANSFER or op == EULER:
