@@ -1,8 +1,13 @@
-"""Command line: ``neurosim run | validate`` (argument parsing and printing only)."""
+"""Command line: ``neurosim run | validate | ...`` (argument parsing and printing only).
+
+Further subcommands live in their own modules and are listed in :data:`EXTRA_COMMANDS`: each
+module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -10,7 +15,26 @@ from pathlib import Path
 from .errors import NeurosimError, ValidationError
 
 
-def _parser() -> argparse.ArgumentParser:
+EXTRA_COMMANDS = {
+    "crosscheck": "neurosim.interop.crosscheck",
+    "sweep": "neurosim.sweep",
+    "report": "neurosim.report",
+}
+
+
+def _extra_modules():
+    mods = {}
+    for name, path in EXTRA_COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(path)
+        except ModuleNotFoundError as e:
+            if e.name and path.startswith(e.name):  # module not built (yet); others propagate
+                continue
+            raise
+    return mods
+
+
+def _parser(extra=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neurosim", description="Rate-based simulation of "
                                 "forward-only learning (PEPITA, Forward-Forward, FA family).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,12 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a scenario (and build its circuit) without running")
     v.add_argument("scenario")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    for name, mod in (extra or {}).items():
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP))
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    extra = _extra_modules()
+    args = _parser(extra).parse_args(argv)
     try:
+        if args.command in extra:
+            return extra[args.command].main(args)
         if args.command == "validate":
             return _validate(args)
         return _run(args)

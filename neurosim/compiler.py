@@ -68,6 +68,7 @@ class Plan:
     stimuli: dict            # stimulus name -> buffer id
     output: str | None       # population whose argmax classifies
     error: str | None
+    targets: str = "onehot"  # how stimulus t is made: one-hot of Y, or rows of T
 
     def view(self, name: str, nb: int | None = None) -> np.ndarray:
         i = self.buffer_index[name]
@@ -315,7 +316,7 @@ def _topo(circuit: Circuit, phase, members: list[str]) -> list[str]:
 
 def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: SGD | None = None,
                  monitors=(), batch: int = 1, seed: int = 0, output: str | None = None,
-                 fuse: bool = True) -> Plan:
+                 fuse: bool = True, targets: str = "onehot") -> Plan:
     """Compile descriptions into a :class:`Plan`.
 
     Parameters
@@ -331,6 +332,9 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     output : str, optional
         Population classified by argmax in :meth:`Simulator.predict` (default: the output of
         the error population, if any).
+    targets : ``"onehot"`` or ``"values"``
+        How the stimulus ``t`` is made from the data: one-hot of the integer labels ``Y``
+        (classification), or rows of the float target matrix ``T`` (regression).
     fuse : bool
         Fold the momentum update into the GEMM that produces a projection's update when that
         is exact (one GEMM writes dW, no weight decay): ``V = m V + (lr/B) post^T pre`` in one
@@ -343,6 +347,8 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                               "Protocol.")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValidationError("compile.batch", f"got {batch!r}, expected an integer >= 1.")
+    if targets not in ("onehot", "values"):
+        raise ValidationError("compile.targets", f"got {targets!r}, expected 'onehot' or 'values'.")
     if rules and optimizer is None:
         raise ValidationError("compile.optimizer", "rules were given but no optimizer.",
                               "pass optimizer=SGD(lr=...).")
@@ -405,9 +411,12 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                                 (1.0 - pop.dropout,), f"population {pop.name!r} (dropout)")
             if kind in ("train", "infer"):
                 if "x" in stimuli:
-                    pb.emit(K.GATHER, (stimuli["x"],), (), "stimulus 'x'")
+                    pb.emit(K.GATHER, (stimuli["x"], 0), (), "stimulus 'x'")
                 if "t" in stimuli:
-                    pb.emit(K.ONEHOT, (stimuli["t"],), (1.0, 0.0), "stimulus 't'")
+                    if targets == "onehot":
+                        pb.emit(K.ONEHOT, (stimuli["t"],), (1.0, 0.0), "stimulus 't'")
+                    else:
+                        pb.emit(K.GATHER, (stimuli["t"], 1), (), "stimulus 't'")
         prev = None
         for ph in sel:
             _build_phase(pb, prb, ph, prev if kind != "free" else None, training, kind)
@@ -429,8 +438,9 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                         if fuse and _fuse_momentum(prb, pb, name, v, optimizer):
                             style += 2
                         pb.emit(K.SGD, (pb.weight(name), v, pb._index[f"{name}.dW"], style),
-                                (optimizer.lr, optimizer.momentum, optimizer.weight_decay,
-                                 optimizer.max_weight), ("lr", f"projection {name!r}"))
+                                (optimizer.lr * optimizer.scale_of(name), optimizer.momentum,
+                                 optimizer.weight_decay, optimizer.max_weight),
+                                ("lr", f"projection {name!r}"))
         if kind == "train":
             _emit_monitors(pb, prb, monitors, time_mode)
         elif kind == "free" and time_mode:
@@ -450,10 +460,14 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     mem = np.zeros(max(total, 1), np.float32)
     bufs = np.array([(o, r, c, int(b)) for o, (_, r, c, b) in zip(offs, pb._bufs)],
                     np.int64).reshape(-1, 4)
+    for name in (optimizer.lr_scale if optimizer is not None else {}):
+        if name not in plastic:
+            raise ValidationError("SGD.lr_scale", f"projection {name!r} is not updated by any rule "
+                                  f"(updated: {plastic}).")
     plan = Plan(circuit, protocol, batch, int(seed), mem, bufs, dict(pb._index),
                 np.array(pb._keys if pb._keys else [0], np.uint64), train, infer, free,
                 list(monitors), getattr(pb, "_monitor_meta", []), list(rules), optimizer,
-                plastic, stimuli, output, err.name if err else None)
+                plastic, stimuli, output, err.name if err else None, targets)
     for name, arr in pb._init.items():
         plan.view(name)[...] = arr
     return plan
@@ -478,7 +492,7 @@ def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
     iv[1] = v
     fv[1] = optimizer.momentum
     iv[6] = 1
-    fv[2] = optimizer.lr if optimizer.style == "reference" else 1.0
+    fv[2] = optimizer.lr * optimizer.scale_of(name) if optimizer.style == "reference" else 1.0
     w = prb.sections[sec][k][2]
     prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
     return True

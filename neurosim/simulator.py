@@ -67,6 +67,7 @@ class Simulator:
         self._empty_x = np.zeros((1, 1), np.float32)
         self._empty_y = np.zeros(1, np.int64)
         self._empty_o = np.zeros(0, np.int64)
+        self._empty_v = np.zeros((0, 1), np.float32)
 
     # -- state access -----------------------------------------------------------------------------
     @property
@@ -166,7 +167,7 @@ class Simulator:
             self._records = {m["key"]: [] for m in plan.monitor_meta}
 
     # -- running ----------------------------------------------------------------------------------
-    def _call(self, program: Program, blocks, X, Y, order, start, n_trials, step0,
+    def _call(self, program: Program, blocks, X, Y, T, order, start, n_trials, step0,
               steps_total: int):
         plan = self.plan
         meta = plan.monitor_meta
@@ -187,7 +188,7 @@ class Simulator:
         cnt = np.zeros(max(len(meta), 1), np.int64)
         with _controller().limit(limits=self.threads, user_api="blas"):
             status = K.run_trials(plan.mem, plan.bufs, program.prog, program.fprm, blocks, X, Y,
-                                  order, start, n_trials, plan.batch, self.trial, step0,
+                                  T, order, start, n_trials, plan.batch, self.trial, step0,
                                   plan.keys, rec, stamps, rec_meta, cnt, self._info, self._ws_i,
                                   self._ws_f)
         for m, md in enumerate(meta):
@@ -222,21 +223,24 @@ class Simulator:
         for i in self.plan.train.lr2_slots:
             self.plan.train.fprm[i, 2] = lr
 
-    def train(self, X, Y, order=None, *, chunk: int = 64, progress=None) -> int:
-        """Train on the minibatches ``order`` (default: all rows in order) of (X, Y).
+    def train(self, X, Y=None, order=None, *, T=None, chunk: int = 64, progress=None) -> int:
+        """Train on the minibatches ``order`` (default: all rows in order) of the data.
 
-        Returns the number of trials run. ``progress`` is an optional callable receiving the
-        number of samples done after each chunk of ``chunk`` minibatches.
+        X: inputs (samples, features); Y: integer labels (one-hot targets); T: float targets
+        (samples, outputs) for plans compiled with ``targets="values"``. Returns the number of
+        trials run. ``progress`` is an optional callable receiving the number of samples done
+        after each chunk of ``chunk`` minibatches (chunking never changes the result).
         """
         X, Y, order = self._data(X, Y, order, "Simulator.train")
+        T = self._targets(T, X, "Simulator.train")
         B = self.plan.batch
         n_trials = -(-len(order) // B)
         done = 0
         while done < n_trials:
             n = min(chunk, n_trials - done)
             step0 = self.step
-            self._call(self.plan.train, self.plan.train.blocks, X, Y, order, done * B, n, step0,
-                       n * self.plan.train.steps_per_trial)
+            self._call(self.plan.train, self.plan.train.blocks, X, Y, T, order, done * B, n,
+                       step0, n * self.plan.train.steps_per_trial)
             self.step += n * self.plan.train.steps_per_trial
             self.trial += n
             done += n
@@ -246,6 +250,13 @@ class Simulator:
 
     def predict(self, X, batch: int | None = None) -> np.ndarray:
         """Class predictions: argmax of the output population after the inference phase."""
+        return self._infer(X, False)
+
+    def outputs(self, X) -> np.ndarray:
+        """The output population's rates after the inference phase, (samples, outputs)."""
+        return self._infer(X, True)
+
+    def _infer(self, X, values: bool):
         plan = self.plan
         if plan.output is None:
             raise ValidationError("Simulator.predict", "the circuit has no output population to "
@@ -254,13 +265,16 @@ class Simulator:
         pred = np.zeros(len(order), np.int64)
         out_buf = plan.buffer_index[f"{plan.output}.r@{plan.protocol.inference_phase}"]
         Y = np.zeros(len(order), np.int64)
+        T = self._targets(None, X, "Simulator.predict")
+        vals = (np.zeros((len(order), plan.circuit.populations[plan.output].size), np.float32)
+                if values else self._empty_v)
         with _controller().limit(limits=self.threads, user_api="blas"):
             status = K.predict(plan.mem, plan.bufs, plan.infer.prog, plan.infer.fprm,
-                               plan.infer.blocks, X, Y, order, plan.batch, plan.keys, out_buf,
-                               pred, self._info, self._ws_i, self._ws_f)
+                               plan.infer.blocks, X, Y, T, order, plan.batch, plan.keys, out_buf,
+                               pred, vals, self._info, self._ws_i, self._ws_f)
         if status != K.OK:
             self._raise(plan.infer, status)
-        return pred
+        return vals if values else pred
 
     def evaluate(self, X, Y) -> float:
         """Classification accuracy in [0, 1]."""
@@ -292,9 +306,31 @@ class Simulator:
         for i, sec in enumerate(prog.block_sections):
             if sec.endswith(":loop"):
                 blocks[i, 2] = steps
-        self._call(prog, blocks, self._empty_x, self._empty_y, self._empty_o, 0, 1, self.step,
-                   steps)
+        self._call(prog, blocks, self._empty_x, self._empty_y, self._empty_x, self._empty_o, 0, 1,
+                   self.step, steps)
         self.step += steps
+
+    def _targets(self, T, X, where):
+        """Float targets for ``targets="values"`` plans (zeros where none are needed)."""
+        plan = self.plan
+        if plan.targets != "values" or "t" not in plan.stimuli:
+            if T is not None:
+                raise ValidationError(f"{where}.T", "float targets given, but the plan was compiled "
+                                      "with targets='onehot' (labels Y).",
+                                      "compile with targets='values' for regression.")
+            return self._empty_x
+        need = plan.view("stim.t").shape[1]
+        if T is None:
+            if where.endswith("predict"):
+                return np.zeros((X.shape[0], need), np.float32)
+            raise ValidationError(f"{where}.T", "missing; the plan takes float targets "
+                                  "(targets='values').")
+        T = np.ascontiguousarray(T, np.float32)
+        if T.ndim == 1:
+            T = T.reshape(-1, 1)
+        if T.shape != (X.shape[0], need):
+            raise ValidationError(f"{where}.T", f"shape {T.shape}, expected ({X.shape[0]}, {need}).")
+        return T
 
     def _data(self, X, Y, order, where):
         X = np.asarray(X)
@@ -315,7 +351,8 @@ class Simulator:
             if Y.shape != (X.shape[0],):
                 raise ValidationError(f"{where}.Y", f"shape {Y.shape}, expected ({X.shape[0]},).")
             Y = Y.astype(np.int64, copy=False)
-            ncls = self.plan.view("stim.t").shape[1] if "t" in self.plan.stimuli else None
+            ncls = (self.plan.view("stim.t").shape[1]
+                    if "t" in self.plan.stimuli and self.plan.targets == "onehot" else None)
             if ncls is not None and len(Y) and (Y.min() < 0 or Y.max() >= ncls):
                 raise ValidationError(f"{where}.Y", f"labels in [{Y.min()}, {Y.max()}], "
                                       f"expected [0, {ncls - 1}].")

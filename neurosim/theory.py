@@ -5,14 +5,14 @@ This module integrates the deterministic ordinary differential equations that de
 teacher with M hidden units, in the limit of large input dimension N. Four first-layer rules
 are covered, all written as "error times feedback times local derivative":
 
-======== ================================================================= ==================
-rule     first-layer feedback :math:`\beta`                                extra state
-======== ================================================================= ==================
-``bp``   :math:`\beta=v` (exact gradient)                                   --
-``fa``   :math:`\beta=b`, fixed (feedback alignment, = DFA for one layer)   --
-``afa``  :math:`\beta=b(t)`, :math:`b_k=-w_k\cdot F/\sqrt N` (adaptive)     :math:`b(t)`
+========== ================================================================ ==============
+rule       first-layer feedback :math:`\beta`                               extra state
+========== ================================================================ ==============
+``bp``     :math:`\beta=v` (exact gradient)                                  --
+``fa``     :math:`\beta=b`, fixed (feedback alignment, = DFA for one layer)  --
+``afa``    :math:`\beta=b(t)`, :math:`b_k=-w_k\cdot F/\sqrt N` (adaptive)    :math:`b(t)`
 ``pepita`` AFA plus the first-order PEPITA corrections                      :math:`b(t)`
-======== ================================================================= ==================
+========== ================================================================ ==============
 
 The specification is ``shared/reference/theory.md`` (cited below as "spec §x"); every formula
 here is written from it.
@@ -677,6 +677,13 @@ _RHS_PARAMS_DOC = r"""
 """
 
 
+def _with_params(f):
+    """Insert the shared parameter list into a right-hand-side docstring."""
+    f.__doc__ = f.__doc__.replace("    {params}", "\n" + _RHS_PARAMS_DOC.strip("\n") + "\n")
+    return f
+
+
+@_with_params
 def rhs_bp(Q, R, T, v, v_star, *, eta, eta_v=None, sigma=0.0, train_v=True) -> Derivatives:
     r"""Right-hand side of the BP ODEs (spec §4.1-4.2, :math:`\beta=v`).
 
@@ -688,7 +695,7 @@ def rhs_bp(Q, R, T, v, v_star, *, eta, eta_v=None, sigma=0.0, train_v=True) -> D
         \frac{dv_k}{dt}&=\eta_v\textstyle\sum_c a_c I_2(k,c),
 
     with :math:`a=(-v_1..-v_K,v^*_1..v^*_M)` over the fields :math:`u=(\lambda,\nu)`.
-    """ + _RHS_PARAMS_DOC + r"""
+    {params}
     Returns
     -------
     Derivatives
@@ -700,12 +707,13 @@ def rhs_bp(Q, R, T, v, v_star, *, eta, eta_v=None, sigma=0.0, train_v=True) -> D
     return _rhs_numpy(s)
 
 
+@_with_params
 def rhs_fa(Q, R, T, v, v_star, b, *, eta, eta_v=None, sigma=0.0, train_v=True) -> Derivatives:
     r"""Right-hand side of the FA/DFA ODEs (spec §4.3): §4.1 with fixed :math:`\beta=b`.
 
     The feedback enters only the prefactors :math:`\beta_k,\beta_l,\beta_k\beta_l`; the error
     inside the brackets is built from the forward readout :math:`v`.
-    """ + _RHS_PARAMS_DOC + r"""    b : array_like, shape (K,)
+    {params}    b : array_like, shape (K,)
         Fixed feedback vector.
 
     Returns
@@ -719,6 +727,7 @@ def rhs_fa(Q, R, T, v, v_star, b, *, eta, eta_v=None, sigma=0.0, train_v=True) -
     return _rhs_numpy(s)
 
 
+@_with_params
 def rhs_afa(Q, R, T, v, v_star, b, b_star, *, eta, eta_v=None, sigma=0.0,
             train_v=True) -> Derivatives:
     r"""Right-hand side of the AFA ODEs (spec §4.4): §4.1 with :math:`\beta=b(t)` plus (AFA-b).
@@ -731,7 +740,7 @@ def rhs_afa(Q, R, T, v, v_star, b, b_star, *, eta, eta_v=None, sigma=0.0,
     \frac{b^*_n(1+Q_{kk})-b_kR_{kn}}{(1+Q_{kk})\sqrt{(1+Q_{kk})(1+T_{nn})-R_{kn}^2}}
     -\sum_j v_j\frac{b_j(1+Q_{kk})-b_kQ_{kj}}{(1+Q_{kk})\sqrt{(1+Q_{kk})(1+Q_{jj})-Q_{kj}^2}}
     \Big]`. :math:`\Phi` and :math:`\sigma` do not enter.
-    """ + _RHS_PARAMS_DOC + r"""    b : array_like, shape (K,)
+    {params}    b : array_like, shape (K,)
         Adaptive feedback :math:`b=-WF/\sqrt N` (the state).
     b_star : array_like, shape (M,)
         Teacher response along F, :math:`-W^*F/\sqrt N` (constant).
@@ -746,6 +755,7 @@ def rhs_afa(Q, R, T, v, v_star, b, b_star, *, eta, eta_v=None, sigma=0.0,
     return _rhs_numpy(s)
 
 
+@_with_params
 def rhs_pepita(Q, R, T, v, v_star, b, b_star, Phi, *, eta, eta_v=None, sigma=0.0,
                train_v=True) -> Derivatives:
     r"""Right-hand side of AFA plus the first-order PEPITA corrections (spec §4.5).
@@ -758,7 +768,7 @@ def rhs_pepita(Q, R, T, v, v_star, b, b_star, Phi, *, eta, eta_v=None, sigma=0.0
         \frac{dQ_{kl}}{dt}\mathrel{+}=\eta b_kb_l(E_k+E_l),\quad
         \frac{db_k}{dt}\mathrel{+}=\eta\Phi b_kE_k,\quad
         \frac{dv_k}{dt}\mathrel{+}=\eta_v b_kE_k .
-    """ + _RHS_PARAMS_DOC + r"""    b, b_star : array_like, shapes (K,), (M,)
+    {params}    b, b_star : array_like, shapes (K,), (M,)
         As in :func:`rhs_afa`.
     Phi : float
         :math:`\lVert F\rVert^2`.
@@ -778,7 +788,9 @@ def rhs(rule, Q, R, T, v, v_star, *, eta, eta_v=None, sigma=0.0, b=None, b_star=
     """Right-hand side for ``rule`` in {"bp", "fa", "afa", "pepita"} (dispatcher).
 
     Same arguments as :func:`integrate` without the time grid; see :func:`rhs_bp`,
-    :func:`rhs_fa`, :func:`rhs_afa`, :func:`rhs_pepita` for the equations.
+    :func:`rhs_fa`, :func:`rhs_afa`, :func:`rhs_pepita` for the equations. Like those, it
+    checks shapes and values but not positive semidefiniteness (so that covariance-level
+    identities can be evaluated anywhere); :func:`integrate` checks it.
     """
     eta_v = eta if eta_v is None else eta_v
     s = _validate("rhs", rule, Q, R, T, v, v_star, eta, eta_v, sigma, b, b_star, Phi, train_v,

@@ -23,8 +23,8 @@ from .rng import uniform01
 
 # ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
 NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, \
-    SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT = \
-    range(22)
+    SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT, \
+    APPLY, ROW_SUMSQ, ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN = range(28)
 
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
@@ -286,13 +286,14 @@ def angle_deg(a, b, transpose_b):
 
 
 @njit(cache=True)
-def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batch, trial0,
+def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, batch, trial0,
                step0, keys, rec, stamps, rec_meta, rec_cnt, info, ws_i, ws_f):
     """Execute the program's blocks for ``n_trials`` consecutive minibatches.
 
     ``blocks`` rows are (first instruction, end instruction, repeat, phase index); a block with
     repeat > 1 is a time loop whose step counter feeds monitors. Minibatch ``j`` takes rows
-    ``order[start + j*batch : ...]`` of X/Y (the last one may be short). Returns a status; on
+    ``order[start + j*batch : ...]`` of X (inputs), Y (int labels) and T (float targets); the
+    last minibatch may be short. Returns a status; on
     failure ``info`` holds (instruction, step within phase, trial, block).
     """
     n_order = order.shape[0]
@@ -378,8 +379,12 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batc
                                 dst[b, c] += bias[0, c]
                     elif op == GATHER:
                         dst = _view(mem, bufs, a, nb)
-                        for b in range(nb):
-                            dst[b, :] = X[order[s0 + b]]
+                        if prog[i, 2] == 0:
+                            for b in range(nb):
+                                dst[b, :] = X[order[s0 + b]]
+                        else:
+                            for b in range(nb):
+                                dst[b, :] = T[order[s0 + b]]
                     elif op == ONEHOT:
                         dst = _view(mem, bufs, a, nb)
                         on = np.float32(fprm[i, 0])
@@ -469,6 +474,59 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batc
                                 good += 1
                         stt[0, 0] += good
                         stt[0, 1] += nb
+                    elif op == APPLY:
+                        # dst = f(src), transfer code prog[i,3]
+                        apply_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                prog[i, 3])
+                    elif op == ROW_SUMSQ:
+                        # dst[b, 0] = scale * sum_j src[b, j]^2
+                        dst = _view(mem, bufs, a, nb)
+                        src = _view(mem, bufs, prog[i, 2], nb)
+                        sc = np.float32(fprm[i, 0])
+                        for b in range(src.shape[0]):
+                            acc = np.float32(0.0)
+                            for c in range(src.shape[1]):
+                                acc += src[b, c] * src[b, c]
+                            dst[b, 0] = sc * acc
+                    elif op == ROW_SCALE:
+                        # dst[b, :] *= s[b, 0]
+                        dst = _view(mem, bufs, a, nb)
+                        sv = _view(mem, bufs, prog[i, 2], nb)
+                        for b in range(dst.shape[0]):
+                            f = sv[b, 0]
+                            for c in range(dst.shape[1]):
+                                dst[b, c] *= f
+                    elif op == ROW_NORMALIZE:
+                        # dst[b] = src[b] / (eps + sqrt(mean_j src[b, j]^2))   (unit RMS)
+                        dst = _view(mem, bufs, a, nb)
+                        src = _view(mem, bufs, prog[i, 2], nb)
+                        eps = np.float32(fprm[i, 0])
+                        for b in range(src.shape[0]):
+                            acc = np.float32(0.0)
+                            for c in range(src.shape[1]):
+                                acc += src[b, c] * src[b, c]
+                            f = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / src.shape[1])))
+                            for c in range(src.shape[1]):
+                                dst[b, c] = src[b, c] * f
+                    elif op == AFFINE:
+                        # dst = s * dst + c
+                        dst = _view(mem, bufs, a, nb)
+                        sc = np.float32(fprm[i, 0])
+                        cc = np.float32(fprm[i, 1])
+                        for b in range(dst.shape[0]):
+                            for c in range(dst.shape[1]):
+                                dst[b, c] = sc * dst[b, c] + cc
+                    elif op == COL_MEAN:
+                        # dst[0, j] = beta * dst[0, j] + alpha * mean_b src[b, j]
+                        dst = _view(mem, bufs, a, nb)
+                        src = _view(mem, bufs, prog[i, 2], nb)
+                        al = np.float32(fprm[i, 0]) / src.shape[0]
+                        be = np.float32(fprm[i, 1])
+                        for c in range(src.shape[1]):
+                            acc = np.float32(0.0)
+                            for b in range(src.shape[0]):
+                                acc += src[b, c]
+                            dst[0, c] = be * dst[0, c] + al * acc
                     elif op == GUARD:
                         if trial % a != 0:
                             i += prog[i, 2]
@@ -477,10 +535,11 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, start, n_trials, batc
 
 
 @njit(cache=True)
-def predict(mem, bufs, prog, fprm, blocks, X, Y, order, batch, keys, out_buf, pred,
+def predict(mem, bufs, prog, fprm, blocks, X, Y, T, order, batch, keys, out_buf, pred, vals,
             info, ws_i, ws_f):
     """Run the inference program over all of ``order`` and write argmax of ``out_buf`` rows to
-    ``pred``. Returns a status (OK or NONFINITE_RATE)."""
+    ``pred`` (and the rows themselves to ``vals`` if it has as many rows as ``order``).
+    Returns a status (OK or NONFINITE_RATE)."""
     n = order.shape[0]
     n_trials = (n + batch - 1) // batch
     empty_f = np.zeros(1, np.float32)
@@ -488,7 +547,7 @@ def predict(mem, bufs, prog, fprm, blocks, X, Y, order, batch, keys, out_buf, pr
     meta = np.zeros((1, 8), np.int64)
     cnt = np.zeros(1, np.int64)
     for j in range(n_trials):
-        st = run_trials(mem, bufs, prog, fprm, blocks, X, Y, order, j * batch, 1, batch, j, 0,
+        st = run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, j * batch, 1, batch, j, 0,
                         keys, empty_f, empty_i, meta, cnt, info, ws_i, ws_f)
         if st != OK:
             return st
@@ -500,4 +559,7 @@ def predict(mem, bufs, prog, fprm, blocks, X, Y, order, batch, keys, out_buf, pr
                 if o[b, c] > o[b, best]:
                     best = c
             pred[j * batch + b] = best
+            if vals.shape[0] == n:
+                for c in range(o.shape[1]):
+                    vals[j * batch + b, c] = o[b, c]
     return OK

@@ -8,7 +8,7 @@ from ..errors import ValidationError
 from ..params import check_choice, check_float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SGD:
     """SGD with momentum, weight decay and a step learning-rate schedule.
 
@@ -28,6 +28,9 @@ class SGD:
     gamma : float
     max_weight : float
         A weight whose magnitude exceeds this stops the run (divergence guard).
+    lr_scale : dict, optional
+        Per-projection multipliers of lr, e.g. the teacher-student scalings
+        ``{"W1": 1/sqrt(N), "W2": 1/N}``.
     """
 
     lr: float = 0.1
@@ -37,6 +40,7 @@ class SGD:
     milestones: tuple = ()
     gamma: float = 0.1
     max_weight: float = 1e4
+    lr_scale: dict | None = None
 
     def __post_init__(self):
         check_float("SGD.lr", self.lr, low=0.0, low_open=True)
@@ -51,6 +55,13 @@ class SGD:
             raise ValidationError("SGD.milestones", f"got {self.milestones!r}, expected increasing "
                                   "positive epoch numbers.")
         object.__setattr__(self, "milestones", ms)
+        scale = dict(self.lr_scale or {})
+        for k, v in scale.items():
+            check_float(f"SGD.lr_scale[{k!r}]", v, low=0.0, low_open=True)
+        object.__setattr__(self, "lr_scale", scale)
+
+    def scale_of(self, projection: str) -> float:
+        return float(self.lr_scale.get(projection, 1.0))
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate during 0-based ``epoch``: lr * gamma^(number of milestones <= epoch)."""
