@@ -12,7 +12,8 @@ from .errors import (CompileError, DataError, NeurosimError, NeurosimWarning, Si
                      ValidationError)
 from .init import FanInUniform, Given, HeUniform, Normal, Uniform, Zeros
 from .monitors import Monitor, Trace
-from .plasticity import CONVENTIONS, PEPITA, SGD, PlasticityRule, register_builder
+from .plasticity import (AFA, BP, CONVENTIONS, DFA, FA, PEPITA, SGD, PlasticityRule,
+                         register_builder)
 from .protocol import Phase, Protocol
 from .simulator import Simulator, shuffled_order
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Circuit", "Population", "ErrorPopulation", "Projection", "TRANSFERS", "Phase", "Protocol",
     "Monitor", "Trace", "Plan", "PlanBuilder", "compile_plan", "Simulator", "shuffled_order",
-    "SGD", "PEPITA", "CONVENTIONS", "PlasticityRule", "register_builder",
+    "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA", "PlasticityRule", "register_builder",
     "HeUniform", "FanInUniform", "Uniform", "Normal", "Zeros", "Given",
     "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",
     "NeurosimWarning", "__version__",

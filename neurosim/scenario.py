@@ -26,10 +26,18 @@ else:  # pragma: no cover
 _MODELS: dict = {}
 
 
-def register_model(name: str, schema: dict, builder):
+def register_model(name: str, schema: dict, builder, runner=None):
     """Register a model: ``schema`` lists its ``[model]`` keys as ``key: (kind, default)``;
-    ``builder(settings) -> (circuit, protocol, rules, output)``."""
-    _MODELS[name] = (schema, builder)
+    ``builder(settings) -> (circuit, protocol, rules, output)``. A model whose runs are not
+    "train a classifier on a dataset" (e.g. the teacher-student setting) also gives
+    ``runner(settings, out_dir, data_dir=None, resume=False, progress=True) -> summary dict``,
+    which ``neurosim run`` then calls instead of the standard training loop."""
+    _MODELS[name] = (schema, builder, runner)
+
+
+def runner_for(settings: dict):
+    """The model's own runner, or None for the standard training loop."""
+    return _models()[settings["model"]["name"]][2]
 
 
 def _models():

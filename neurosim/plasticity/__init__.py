@@ -2,6 +2,7 @@
 
 from .base import PlasticityRule, builder_for, register_builder
 from .optim import SGD
+from .feedback_alignment import AFA, BP, DFA, FA
 from .pepita import CONVENTIONS, PEPITA
 
-__all__ = ["PlasticityRule", "register_builder", "builder_for", "SGD", "PEPITA", "CONVENTIONS"]
+__all__ = ["PlasticityRule", "register_builder", "builder_for", "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA"]
