@@ -424,6 +424,11 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
         if training:
             for rule in rules:
                 builder_for(rule)(pb, rule)
+            if kind == "train":
+                # custom monitors (objects with build(pb, index) -> meta dict) see the rules'
+                # updates before the optimizer applies them
+                pb._custom_meta = {mi: mon.build(pb, mi) for mi, mon in enumerate(monitors)
+                                   if hasattr(mon, "build")}
             if pb.grads:
                 with pb.at("trial_end"):
                     for name in pb.grads:
@@ -675,6 +680,10 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
     circuit, protocol = pb.circuit, pb.protocol
     meta = []
     for mi, mon in enumerate(monitors):
+        if hasattr(mon, "build"):  # custom monitor, emitted before the optimizer step
+            if only_phase is None:
+                meta.append(pb._custom_meta[mi])
+            continue
         where = f"Monitor({mon.target!r})"
         if only_phase is not None:
             if (mon.target.endswith((".r", ".drive")) and (mon.per or "step") == "step"

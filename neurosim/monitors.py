@@ -77,6 +77,19 @@ class Monitor:
         return self.target
 
 
+class AbstractMonitor:
+    """Base of custom monitors: ``build(pb, index) -> meta`` emits instructions through the
+    :class:`~neurosim.compiler.PlanBuilder` into ``trial_end`` (after the rules' updates,
+    before the optimizer step) and returns the layout dict ``{"key", "kind": "stat" | "var",
+    "size", "per": "trial", "every"}``. Record with ``pb.emit(RECORD_STAT, (buf, index, kind,
+    other, transpose))`` (kind 0: Frobenius norm of buf; 1: angle in degrees between buf and
+    other).
+    """
+
+    def build(self, pb, index: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class Trace:
     """Recorded values with an explicit time axis; arrays are read-only views.
 
