@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from ..errors import CompileError, NeurosimWarning
+from ..errors import CompileError, NeurosimWarning, ValidationError
 from ..params import check_choice
 from .base import PlasticityRule, register_builder
 
@@ -44,6 +44,12 @@ class PEPITA(PlasticityRule):
     feedback : name of the top-down projection (for the sign check); None = any feedback
         projection into the input.
     projections : projection names, or None for all plastic feedforward projections
+    timing : ``"end"`` or ``"continuous"``
+        ``end`` (default): one update from the activities held at the phase ends.
+        ``continuous`` (time mode only): the update is accumulated at every time step of the
+        modulated phase from the live modulated activities, ``dW = (1/n) sum_t
+        (h_l - h~_l(t))^T h~_{l-1}(t)``, i.e. its time average; it tends to the ``end`` update
+        as the phase grows long compared with tau.
     """
 
     convention: str = "icml2022"
@@ -54,6 +60,7 @@ class PEPITA(PlasticityRule):
     error: str = "error"
     feedback: str | None = None
     projections: tuple | None = None
+    timing: str = "end"
     name: str = "pepita"
 
     def __post_init__(self):
@@ -63,6 +70,7 @@ class PEPITA(PlasticityRule):
                                CONVENTIONS[self.convention]["last_layer_error"])
         check_choice("PEPITA.last_layer_error", self.last_layer_error, ("modulated", "clean"))
         check_choice("PEPITA.presynaptic", self.presynaptic, ("modulated", "clean"))
+        check_choice("PEPITA.timing", self.timing, ("end", "continuous"))
         if self.projections is not None:
             object.__setattr__(self, "projections", tuple(self.projections))
 
@@ -78,7 +86,7 @@ class PEPITA(PlasticityRule):
 
 @register_builder(PEPITA)
 def build_pepita(pb, rule: PEPITA):
-    """Emit PEPITA's updates at the end of the trial."""
+    """Emit PEPITA's updates at the end of the trial (or at every step of the modulated phase)."""
     c = pb.circuit
     for ph in (rule.clean, rule.modulated):
         pb.require_phase(ph, f"PEPITA.{'clean' if ph == rule.clean else 'modulated'}")
@@ -86,17 +94,35 @@ def build_pepita(pb, rule: PEPITA):
     _check_sign(pb, rule, err)
     pre_phase = rule.modulated if rule.presynaptic == "modulated" else rule.clean
     err_phase = rule.modulated if rule.last_layer_error == "modulated" else rule.clean
-    with pb.at("trial_end"):
+    if rule.timing == "continuous":
+        if pb.protocol.mode != "time":
+            raise ValidationError("PEPITA.timing", "'continuous' needs a time-mode protocol.",
+                                  "use timing='end' in steady mode.")
+        n = pb.protocol.n_steps(pb.protocol.phase(rule.modulated))
+        section, alpha = f"{rule.modulated}:loop", 1.0 / n
+    else:
+        section, alpha = "trial_end", 1.0
+    grads = {}
+    if rule.timing == "continuous":
+        with pb.at(f"{rule.modulated}:pre"):
+            for name in rule.modifies(pb):
+                pb.require_projection(name, "PEPITA.projections")
+                grads[name] = pb.grad(name)[0]
+                pb.zero(grads[name])
+    with pb.at(section):
         for name in rule.modifies(pb):
             proj = pb.require_projection(name, "PEPITA.projections")
             pre = pb.rate(proj.pre_population, pre_phase)
-            dW, beta = pb.grad(name)
+            if rule.timing == "continuous":
+                dW, beta = grads[name], 1.0
+            else:
+                dW, beta = pb.grad(name)
             if proj.post == err.output:
                 post = pb.rate(err.name, err_phase)
             else:
                 post = pb.scratch(f"{rule.name}.{name}.delta", c.populations[proj.post].size)
                 pb.sub(post, pb.rate(proj.post, rule.clean), pb.rate(proj.post, rule.modulated))
-            pb.gemm(dW, post, pre, trans_a=True, alpha=1.0, beta=beta)
+            pb.gemm(dW, post, pre, trans_a=True, alpha=alpha, beta=beta)
 
 
 def _check_sign(pb, rule, err):
