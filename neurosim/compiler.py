@@ -36,7 +36,7 @@ class Program:
 
     prog: np.ndarray          # int64 (n, 8): op, a, b, c, d, e, f, g
     fprm: np.ndarray          # float64 (n, 6)
-    blocks: np.ndarray        # int64 (k, 4): start, end, repeat, phase index (-1 = none)
+    blocks: np.ndarray        # int64 (k, 5): start, end, repeat, phase index (-1), is-loop
     where: list               # per instruction: (section, description of the object)
     lr_slots: list = field(default_factory=list)   # instruction indices whose fprm[:,0] is lr
     records: list = field(default_factory=list)    # (monitor index, section) recorded here
@@ -82,6 +82,7 @@ class _ProgramBuilder:
     def __init__(self, sections):
         self.sections = {s: [] for s in sections}
         self.repeat = {s: 1 for s in sections}
+        self.is_loop = {s: False for s in sections}
         self.phase_of = {s: -1 for s in sections}
         self.current = None
 
@@ -108,13 +109,14 @@ class _ProgramBuilder:
                 prog.append(iv)
                 fprm.append(fv)
                 where.append((s, w))
-            if len(prog) > start or self.repeat[s] > 1:
-                blocks.append((start, len(prog), self.repeat[s], self.phase_of[s]))
+            if len(prog) > start or self.is_loop[s]:
+                blocks.append((start, len(prog), self.repeat[s], self.phase_of[s],
+                               int(self.is_loop[s])))
                 names.append(s)
-        steps = sum(b[2] for b in blocks if b[2] > 1)
+        steps = sum(b[2] for b in blocks if b[4])
         return Program(np.asarray(prog, np.int64).reshape(-1, 8),
                        np.asarray(fprm, np.float64).reshape(-1, 6),
-                       np.asarray(blocks, np.int64).reshape(-1, 4), where, lr_slots, records,
+                       np.asarray(blocks, np.int64).reshape(-1, 5), where, lr_slots, records,
                        steps, names, lr2_slots)
 
 
@@ -367,7 +369,10 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     # -- fixed buffers: weights, velocities, biases, masks, stimuli -------------------------------
     for proj in circuit.projections.values():
         shape = circuit.shape_of(proj)
-        w = proj.init.sample(shape, component_rng(seed, f"init:{proj.name}"))
+        try:
+            w = proj.init.sample(shape, component_rng(seed, f"init:{proj.name}"))
+        except ValidationError as e:
+            raise ValidationError(f"Projection({proj.name!r}).init", e.message, e.hint) from None
         if w.shape != shape or w.dtype != np.float32:
             raise CompileError(f"Projection({proj.name!r}).init returned {w.shape} {w.dtype}, "
                                f"expected {shape} float32.")
@@ -643,6 +648,7 @@ def _build_phase(pb, prb, ph, prev, training, kind):
     if time_mode:
         # a free-run program holds one step; Simulator.run sets the number of repeats
         prb.repeat[f"{ph.name}:loop"] = 1 if kind == "free" else protocol.n_steps(ph)
+        prb.is_loop[f"{ph.name}:loop"] = True
     with pb.at(f"{ph.name}:pre"):
         if kind != "free":  # a free run continues the phase's own state
             for p in dyn:

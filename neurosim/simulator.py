@@ -350,6 +350,10 @@ class Simulator:
             Y = np.asarray(Y)
             if Y.shape != (X.shape[0],):
                 raise ValidationError(f"{where}.Y", f"shape {Y.shape}, expected ({X.shape[0]},).")
+            if Y.size and not np.issubdtype(Y.dtype, np.integer):
+                if not np.issubdtype(Y.dtype, np.number) or np.any(Y != np.round(Y)):
+                    raise ValidationError(f"{where}.Y", f"labels of dtype {Y.dtype} with non-integer "
+                                          "values, expected integer class labels.")
             Y = Y.astype(np.int64, copy=False)
             ncls = (self.plan.view("stim.t").shape[1]
                     if "t" in self.plan.stimuli and self.plan.targets == "onehot" else None)
@@ -361,7 +365,14 @@ class Simulator:
         if order is None:
             order = np.arange(X.shape[0], dtype=np.int64)
         else:
-            order = np.asarray(order, np.int64)
+            o = np.asarray(order)
+            if o.ndim != 1 or (o.size and not np.issubdtype(o.dtype, np.integer)):
+                raise ValidationError(f"{where}.order", f"got an array of shape {o.shape} and dtype "
+                                      f"{o.dtype}, expected a 1-D array of integer row indices.")
+            if o.size and (o.min() < 0 or o.max() >= X.shape[0]):
+                raise ValidationError(f"{where}.order", f"indices in [{o.min()}, {o.max()}], "
+                                      f"expected [0, {X.shape[0] - 1}] (rows of X).")
+            order = np.ascontiguousarray(o, np.int64)
         return X, Y, order
 
     # -- checkpoint support -----------------------------------------------------------------------

@@ -4,8 +4,8 @@ A compiled plan is data: one float32 arena ``mem`` holding every state, weight a
 array; a buffer table ``bufs`` (offset, rows, cols, batch-shaped flag); and a program ``prog``
 of integer instructions with float parameters ``fprm``. ``run_trials`` executes blocks of that
 program for a run of minibatches (trials) without returning to Python. Each operation is also a
-plain ``@njit`` function with a numpy twin in :mod:`neurosim.kernels.reference`, so kernels are
-tested one by one.
+plain ``@njit`` function tested one by one against a numpy twin (tests/test_kernels.py,
+``blas.gemm_reference``, ``rng.uniform01_reference``).
 
 Conventions: a batch-shaped buffer has ``rows = nb`` (the current minibatch size) at run time;
 population state is (batch, units); a weight matrix is (post, pre).
@@ -24,7 +24,7 @@ from .rng import uniform01
 # ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
 NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, \
     SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT, \
-    APPLY, ROW_SUMSQ, ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN = range(28)
+    APPLY, ROW_SUMSQ, ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN, SAMPLE_WRONG = range(29)
 
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
@@ -34,6 +34,11 @@ WEIGHT_RUNAWAY = 3
 
 # ---- transfer codes ----------------------------------------------------------------------------
 IDENTITY, RELU, TANH, SIGMOID, ERF, SOFTMAX = range(6)
+RMS_NORM = 8
+"""Flag added to an element-wise transfer code (``RMS_NORM + RELU``, ...): the rate is
+``f(drive)`` normalised to unit root-mean-square per row, ``f / (RMS_EPS + sqrt(mean f^2))``
+(divisive normalisation of a population's output, as the layers of Forward-Forward use)."""
+RMS_EPS = 1e-8
 
 _SQRT_HALF = np.float32(1.0 / math.sqrt(2.0))
 _SQRT_2_PI = np.float32(math.sqrt(2.0 / math.pi))
@@ -42,7 +47,7 @@ _SQRT_2_PI = np.float32(math.sqrt(2.0 / math.pi))
 @njit(cache=True, inline="always")
 def _f(code, x):
     if code == RELU:
-        return x if x > 0.0 else np.float32(0.0)
+        return np.float32(0.0) if x <= 0.0 else x  # NaN stays NaN
     if code == TANH:
         return np.float32(math.tanh(x))
     if code == SIGMOID:
@@ -85,15 +90,63 @@ def softmax_rows(out, x):
             out[b, j] *= inv
 
 
-@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+_EXP_MASK = np.uint32(0x7F800000)
+
+
+@njit(cache=True)
 def all_finite(a):
-    """True if every element is finite: sum of (x - x) is 0 for finite x and NaN otherwise
-    (reassociation only, so the reduction vectorises; no no-NaN assumptions)."""
-    s = np.float32(0.0)
-    for b in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            s += a[b, j] - a[b, j]
-    return s == 0.0
+    """True if every element is finite: a float32 is NaN or inf exactly when its exponent bits
+    are all ones, so the check is an integer max-reduction (it vectorises, and no floating-point
+    flag can fold it away)."""
+    u = a.reshape(-1).view(np.uint32)
+    m = np.uint32(0)
+    for i in range(u.shape[0]):
+        e = u[i] & _EXP_MASK
+        if e > m:
+            m = e
+    return m != _EXP_MASK
+
+
+@njit(cache=True)
+def rms_normalized_f(out, x, base):
+    """``out[b] = f(x[b]) / (RMS_EPS + sqrt(mean_j f(x[b, j])^2))`` (may alias x)."""
+    eps = np.float32(RMS_EPS)
+    n = x.shape[1]
+    for b in range(x.shape[0]):
+        acc = np.float32(0.0)
+        for j in range(n):
+            v = _f(base, x[b, j])
+            out[b, j] = v
+            acc += v * v
+        inv = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / n)))
+        for j in range(n):
+            out[b, j] *= inv
+
+
+@njit(cache=True)
+def sample_excluding(p, lab, u):
+    """A class index != lab drawn in proportion to max(p, 0) (u uniform in [0, 1)); uniform
+    over the other classes when they carry no mass."""
+    n = p.shape[0]
+    tot = 0.0
+    last = -1
+    for j in range(n):
+        if j != lab and p[j] > 0.0:
+            tot += float(p[j])
+            last = j
+    if not tot > 0.0:
+        k = int(u * (n - 1))
+        if k > n - 2:
+            k = n - 2
+        return k if k < lab else k + 1
+    target = float(u) * tot
+    c = 0.0
+    for j in range(n):
+        if j != lab and p[j] > 0.0:
+            c += float(p[j])
+        if c > target:
+            return min(j, last)
+    return last
 
 
 @njit(cache=True)
@@ -105,11 +158,13 @@ def apply_f(out, x, code):
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
                 v = x[b, j]
-                out[b, j] = v if v > 0.0 else np.float32(0.0)
+                out[b, j] = np.float32(0.0) if v <= 0.0 else v  # NaN stays NaN
     elif code == IDENTITY:
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
                 out[b, j] = x[b, j]
+    elif code >= RMS_NORM:
+        rms_normalized_f(out, x, code - RMS_NORM)
     else:
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
@@ -143,13 +198,28 @@ def euler(r, drive, code, mask, use_mask, alpha, tmp):
             if use_mask:
                 for j in range(r.shape[1]):
                     v = drive[b, j]
-                    target = (v if v > 0.0 else np.float32(0.0)) * mask[b, j]
+                    target = (np.float32(0.0) if v <= 0.0 else v) * mask[b, j]
                     r[b, j] += a * (target - r[b, j])
             else:
                 for j in range(r.shape[1]):
                     v = drive[b, j]
-                    target = v if v > 0.0 else np.float32(0.0)
+                    target = np.float32(0.0) if v <= 0.0 else v
                     r[b, j] += a * (target - r[b, j])
+    elif code >= RMS_NORM:
+        base = code - RMS_NORM
+        n = r.shape[1]
+        eps = np.float32(RMS_EPS)
+        for b in range(r.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(n):
+                v = _f(base, drive[b, j])
+                acc += v * v
+            inv = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / n)))
+            for j in range(n):
+                target = _f(base, drive[b, j]) * inv
+                if use_mask:
+                    target *= mask[b, j]
+                r[b, j] += a * (target - r[b, j])
     else:
         for b in range(r.shape[0]):
             for j in range(r.shape[1]):
@@ -169,12 +239,14 @@ def deriv_mul(dst, drive, code):
 
 
 @njit(cache=True)
-def dropout_mask(mask, keep, key, trial):
+def dropout_mask(mask, keep, key, trial, batch):
     """Inverted-dropout mask: ``mask = Bernoulli(keep) / keep``, a pure function of
-    (key, trial, row, unit) so both passes of a trial and any chunking see the same mask."""
+    (key, trial, row, unit): counter ``trial * batch * n + row * n + unit`` with ``batch`` the
+    plan's (maximum) minibatch size, so both passes of a trial, any chunking and a short last
+    minibatch all see their own, reproducible mask."""
     nb, n = mask.shape
     inv = np.float32(1.0 / keep)
-    base = np.uint64(trial) * np.uint64(nb * n)
+    base = np.uint64(trial) * np.uint64(batch * n)
     for b in range(nb):
         for j in range(n):
             u = uniform01(key, base + np.uint64(b * n + j))
@@ -290,8 +362,8 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                step0, keys, rec, stamps, rec_meta, rec_cnt, info, ws_i, ws_f):
     """Execute the program's blocks for ``n_trials`` consecutive minibatches.
 
-    ``blocks`` rows are (first instruction, end instruction, repeat, phase index); a block with
-    repeat > 1 is a time loop whose step counter feeds monitors. Minibatch ``j`` takes rows
+    ``blocks`` rows are (first instruction, end instruction, repeat, phase index, is-loop); each
+    repeat of a loop block is one time step (the step counter feeds monitors). Minibatch ``j`` takes rows
     ``order[start + j*batch : ...]`` of X (inputs), Y (int labels) and T (float targets); the
     last minibatch may be short. Returns a status; on
     failure ``info`` holds (instruction, step within phase, trial, block).
@@ -308,8 +380,9 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
             i0 = blocks[bl, 0]
             i1 = blocks[bl, 1]
             reps = blocks[bl, 2]
+            loop = blocks[bl, 4] == 1
             for rep in range(reps):
-                if reps > 1:
+                if loop:
                     step += 1
                 i = i0
                 while i < i1:
@@ -424,7 +497,8 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                             lab = Y[order[s0 + b]]
                             dst[b, 0] = np.float32(k if k < lab else k + 1)
                     elif op == MASK:
-                        dropout_mask(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]], trial)
+                        dropout_mask(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]], trial,
+                                     batch)
                     elif op == DERIV:
                         deriv_mul(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                   prog[i, 3])
@@ -527,6 +601,16 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                             for b in range(src.shape[0]):
                                 acc += src[b, c]
                             dst[0, c] = be * dst[0, c] + al * acc
+                    elif op == SAMPLE_WRONG:
+                        # dst[b, 0] = a label != Y[b] drawn in proportion to row b of the
+                        # probabilities prog[i,2] (the true class excluded, the rest
+                        # renormalised); counter-RNG key prog[i,3], counter trial*batch + b
+                        dst = _view(mem, bufs, a, nb)
+                        pr = _view(mem, bufs, prog[i, 2], nb)
+                        key = keys[prog[i, 3]]
+                        for b in range(nb):
+                            u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
+                            dst[b, 0] = np.float32(sample_excluding(pr[b], Y[order[s0 + b]], u))
                     elif op == GUARD:
                         if trial % a != 0:
                             i += prog[i, 2]

@@ -1,0 +1,47 @@
+"""Shared fixtures for the engine tests: small random datasets and one-thread BLAS.
+
+Everything here is deliberately tiny (tens of samples, tens of units): the tests check exact
+semantics, not learning, and must run in seconds on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """One BLAS thread for numpy references as well (the Simulator already uses one): the
+    matrices are small and the test machines are shared."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+def make_data(n: int, d_in: int, n_out: int, seed: int = 0):
+    """``n`` samples: inputs uniform in [0, 1) (as the reference setup scales pixels), float32
+    C-contiguous; labels uniform over ``n_out`` classes, int64."""
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, d_in), dtype=np.float32)
+    Y = rng.integers(0, n_out, size=n).astype(np.int64)
+    return X, Y
+
+
+@pytest.fixture
+def data_30_5():
+    """40 samples, 30 inputs, 5 classes (5 minibatches of 8)."""
+    return make_data(40, 30, 5, seed=0)
+
+
+@pytest.fixture
+def data_20_5():
+    """24 samples, 20 inputs, 5 classes (3 minibatches of 8)."""
+    return make_data(24, 20, 5, seed=1)
+
+
+@pytest.fixture
+def data_6_3():
+    """16 samples, 6 inputs, 3 classes: for time-mode runs with many steps."""
+    return make_data(16, 6, 3, seed=2)
