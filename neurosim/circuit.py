@@ -66,7 +66,12 @@ class Population:
             raise ValidationError(f"{where}.dropout", "dropout on a softmax population is not "
                                   "supported (the output layer has no dropout).")
         if self.bias is not None:
-            b = np.asarray(self.bias, dtype=np.float32)
+            try:
+                b = np.asarray(self.bias, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise ValidationError(f"{where}.bias", f"got {type(self.bias).__name__} "
+                                      f"{self.bias!r:.60}, expected a number or an array of "
+                                      f"{self.size} numbers.") from None
             if b.ndim == 0:
                 b = np.full(self.size, float(b), np.float32)
             if b.shape != (self.size,):
@@ -148,7 +153,8 @@ class Projection:
         object.__setattr__(self, "init", as_init(self.init, f"{where}.init"))
         check_choice(f"{where}.role", self.role, ROLES)
         if self.phases is not None:
-            if isinstance(self.phases, str) or not all(isinstance(p, str) for p in self.phases):
+            if not isinstance(self.phases, (tuple, list)) or \
+                    not all(isinstance(p, str) for p in self.phases):
                 raise ValidationError(f"{where}.phases", f"got {self.phases!r}, expected a tuple "
                                       "of phase names or None (all phases).")
             object.__setattr__(self, "phases", tuple(self.phases))

@@ -349,6 +349,17 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                               "Protocol.")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValidationError("compile.batch", f"got {batch!r}, expected an integer >= 1.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValidationError("compile.seed", f"got {seed!r}, expected an integer >= 0.")
+    if output is not None and not isinstance(output, str):
+        raise ValidationError("compile.output", f"got {type(output).__name__} {output!r}, "
+                              "expected a population name.")
+    from .monitors import AbstractMonitor
+
+    for i, m in enumerate(monitors):
+        if not isinstance(m, (Monitor, AbstractMonitor)):
+            raise ValidationError(f"compile.monitors[{i}]", f"got {type(m).__name__} {m!r:.40}, "
+                                  "expected a Monitor.")
     if targets not in ("onehot", "values"):
         raise ValidationError("compile.targets", f"got {targets!r}, expected 'onehot' or 'values'.")
     if rules and optimizer is None:
@@ -776,4 +787,8 @@ def _forward_chain(circuit, fb):
         seen.add(pop)
         chain.append(nxt[0].name)
         pop = nxt[0].post
+    if not chain:
+        raise ValidationError(f"Monitor('angle:{fb.name}').target", f"{fb.name!r} projects into "
+                              f"{fb.post!r}, the output itself: there is no feedforward chain to "
+                              "compare it with.")
     return chain

@@ -61,8 +61,13 @@ class Monitor:
             raise ValidationError(f"{where}.per", f"got {self.per!r}, expected 'step' or 'trial'.")
         if self.sample != "mean":
             check_int(f"{where}.sample", self.sample, low=0)
+        for attr in ("phase", "name"):
+            v = getattr(self, attr)
+            if v is not None and not isinstance(v, str):
+                raise ValidationError(f"{where}.{attr}", f"got {type(v).__name__} {v!r}, expected "
+                                      "a string or None.")
         if self.units is not None:
-            u = tuple(self.units)
+            u = tuple(self.units) if isinstance(self.units, (tuple, list)) else ()
             if len(u) != 2 or not all(isinstance(x, int) for x in u) or not 0 <= u[0] < u[1]:
                 raise ValidationError(f"{where}.units", f"got {self.units!r}, expected (start, "
                                       "stop) with 0 <= start < stop.")

@@ -26,7 +26,10 @@ def check_int(where: str, value, *, low: int | None = None) -> int:
 def check_float(where: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a number.")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValidationError(where, f"got {value!r:.40}, too large for a float.") from None
     if not math.isfinite(v):
         raise ValidationError(where, f"got {value!r}, expected a finite number.")
     if low is not None and (v < low or (low_open and v == low)):

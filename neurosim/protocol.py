@@ -57,7 +57,8 @@ class Phase:
             object.__setattr__(self, "duration",
                                to_seconds(self.duration, f"{where}.duration", allow_zero=False))
         if self.gates is not None:
-            if isinstance(self.gates, str) or not all(isinstance(g, str) for g in self.gates):
+            if not isinstance(self.gates, (tuple, list)) or \
+                    not all(isinstance(g, str) for g in self.gates):
                 raise ValidationError(f"{where}.gates", f"got {self.gates!r}, expected a tuple "
                                       "of projection names.")
             object.__setattr__(self, "gates", tuple(self.gates))
@@ -88,7 +89,7 @@ class Protocol:
     inference_phase: str | None = None
 
     def __post_init__(self):
-        phases = tuple(self.phases)
+        phases = tuple(self.phases) if isinstance(self.phases, (tuple, list)) else ()
         if not phases or not all(isinstance(p, Phase) for p in phases):
             raise ValidationError("Protocol.phases", f"got {self.phases!r}, expected a non-empty "
                                   "sequence of Phase objects.")

@@ -55,6 +55,7 @@ SCHEMA = {
         "train_limit": ("int+?", None),
         "test_limit": ("int+?", None),
         "dir": ("str?", None),
+        "verify": ("bool", True),
     },
     "training": {
         "epochs": ("int+", 1),
@@ -116,7 +117,10 @@ def _check(kind, value, where):
     if kind in ("float+", "float0", "mom", "prob"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a number.")
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:
+            v = math.inf
         if not math.isfinite(v):
             raise ValidationError(where, f"got {value!r}, expected a finite number.")
         if kind == "float+" and v <= 0:
@@ -127,7 +131,10 @@ def _check(kind, value, where):
             raise ValidationError(where, f"got {v}, expected a number in [0, 1).")
         return v
     if kind == "time":
-        return to_seconds(value, where, allow_zero=False)
+        try:
+            return to_seconds(value, where, allow_zero=False)
+        except OverflowError:  # float() of a huge integer inside a unit string
+            raise ValidationError(where, f"got {value!r}, expected a finite time.") from None
     if kind == "list[int]":
         if not isinstance(value, list) or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
@@ -145,8 +152,8 @@ def _check_section(raw, schema, where) -> dict:
         raise ValidationError(where, f"got {type(raw).__name__}, expected a table [{where}].")
     out = {}
     for key, value in raw.items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
+        if not isinstance(key, str) or key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
             raise ValidationError(f"{where}.{key}", f"unknown key; {where} takes "
                                   f"{sorted(schema)}.", f"did you mean {close[0]!r}?" if close else None)
         kind, _ = schema[key]
@@ -167,8 +174,8 @@ def validate(raw: dict) -> dict:
     out = {}
     known = set(SCHEMA) | {"model", "monitor"}
     for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             raise ValidationError(key, f"unknown top-level key; a scenario has {sorted(known)}.",
                                   f"did you mean {close[0]!r}?" if close else None)
     for key, spec in SCHEMA.items():
@@ -182,7 +189,7 @@ def validate(raw: dict) -> dict:
                               f"'name' (one of {sorted(_models())}).")
     name = model.get("name")
     models = _models()
-    if name not in models:
+    if not isinstance(name, str) or name not in models:
         close = difflib.get_close_matches(str(name), list(models), n=1)
         raise ValidationError("model.name", f"got {name!r}, expected one of {sorted(models)}.",
                               f"did you mean {close[0]!r}?" if close else None)
@@ -194,10 +201,48 @@ def validate(raw: dict) -> dict:
         raise ValidationError("monitor", "expected an array of tables [[monitor]].")
     out["monitor"] = [_check_section(m, MONITOR_SCHEMA, f"monitor[{i}]") for i, m in enumerate(mons)]
     tr = out["training"]
-    if tr["milestones"] != sorted(tr["milestones"]):
+    if tr["milestones"] != sorted(tr["milestones"]) or 0 in tr["milestones"]:
         raise ValidationError("training.milestones", f"got {tr['milestones']}, expected increasing "
-                              "epochs.")
+                              "epochs >= 1.")
+    _check_simulation(out["simulation"])
+    _check_monitors(out["monitor"])
     return out
+
+
+def _check_simulation(sim: dict) -> None:
+    """Cross-key checks of [simulation] that the circuit builders would otherwise report under
+    their own (non-scenario) names."""
+    if sim["mode"] != "time":
+        return
+    if sim["phase_duration"] < sim["dt"]:
+        raise ValidationError("simulation.phase_duration", f"got {sim['phase_duration']} s, "
+                              f"shorter than simulation.dt = {sim['dt']} s.",
+                              "a phase needs at least one time step.")
+    if sim["method"] == "euler" and sim["dt"] > sim["tau"]:
+        raise ValidationError("simulation.dt", f"got {sim['dt']} s, larger than simulation.tau = "
+                              f"{sim['tau']} s; forward Euler overshoots for dt > tau.",
+                              "lower simulation.dt or set simulation.method = \"exp_euler\".")
+
+
+def _check_monitors(mons: list) -> None:
+    seen = {}
+    for i, m in enumerate(mons):
+        where = f"monitor[{i}]"
+        target = m["target"]
+        if not target or not ("." in target or target.startswith("angle:")):
+            raise ValidationError(f"{where}.target", f"got {target!r}, expected 'population.r', "
+                                  "'population.drive', 'projection.norm', "
+                                  "'projection.update_norm' or 'angle:F'.")
+        u = m["units"]
+        if u is not None and (len(u) != 2 or not u[0] < u[1]):
+            raise ValidationError(f"{where}.units", f"got {u!r}, expected [start, stop] with "
+                                  "0 <= start < stop.")
+        key = m["name"] or (f"{target}@{m['phase']}" if m["phase"] and
+                            target.endswith((".r", ".drive")) else target)
+        if key in seen:
+            raise ValidationError(f"{where}.name", f"records under the key {key!r}, like "
+                                  f"monitor[{seen[key]}].", "give one of them a distinct name.")
+        seen[key] = i
 
 
 def load(path, overrides=()) -> dict:

@@ -4,14 +4,43 @@ A run directory holds ``scenario.toml`` (resolved), ``metrics.csv`` (one row per
 ``summary.json``, ``traces.npz`` (monitor traces), ``learning_curve.png`` and
 ``checkpoints/epoch-NNNN.npz`` (the last ``training.keep_checkpoints``, each written to a
 temporary file and renamed, so a killed run never leaves a half-written checkpoint).
+
+Checkpoints and bit-identical resumption
+----------------------------------------
+A checkpoint is written after every successful epoch (never after a failed one) and holds the
+whole float32 arena of the compiled plan (weights, optimizer momentum, held rates, dropout masks,
+monitor scratch), the trial and time-step counters, the epoch, the monitor records, the metrics
+rows, a hash of the result-relevant settings, the SHA-256 of the arena and the RNG state.
+
+The RNG state is small because nothing random is drawn from a stateful generator while
+training: weight initialisation happens at compile time from ``(seed, "init:<projection>")``;
+dropout masks and other in-kernel draws are a pure function of ``(key, trial, row, unit)`` with
+keys derived from ``(seed, component name)`` (:mod:`neurosim.kernels.rng`); the training order
+of an epoch is a permutation drawn from ``(seed, "shuffle:<epoch>")``
+(:func:`~neurosim.simulator.shuffled_order`). So the seed, the counter-RNG keys
+(``rng_keys``, checked on resume) and the trial counter *are* the RNG state. A run killed at
+any point and resumed with ``neurosim run --resume DIR`` ends with weights bit-identical to an
+uninterrupted run of the same seed (``tests/test_resume.py``).
+
+Failures
+--------
+A divergence (NaN/inf rates or weights, or a weight beyond ``training.max_weight``) raises
+:class:`~neurosim.errors.SimulationError` naming the epoch, phase, step, population or
+projection, with a hint. The checkpoints already written stay untouched; the run directory
+gets ``error.json``. A run that fails before its first checkpoint leaves no run directory
+behind (files it created are removed).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
+import io
 import json
+import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,22 +58,124 @@ METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_
 
 
 def make_simulator(settings: dict) -> Simulator:
-    """Build and compile the scenario's circuit; returns a ready Simulator."""
-    circuit, protocol, rules, output = sc.build(settings)
+    """Build and compile the scenario's circuit; returns a ready Simulator.
+
+    Errors raised by the descriptions are reported under scenario key paths (``monitor[1].phase``,
+    ``simulation.dt``, ``model.sizes``) rather than the engine's object names."""
+    try:
+        circuit, protocol, rules, output = sc.build(settings)
+    except ValidationError as e:
+        raise _scenario_error(e) from None
     tr = settings["training"]
     opt = SGD(lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
               style=tr["optimizer"], milestones=tuple(tr["milestones"]), gamma=tr["gamma"],
               max_weight=tr["max_weight"])
-    mons = [Monitor(m["target"], phase=m["phase"], every=m["every"], per=m["per"],
-                    units=tuple(m["units"]) if m["units"] else None, sample=m["sample"],
-                    name=m["name"]) for m in settings["monitor"]]
-    plan = compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=mons,
-                        batch=tr["batch_size"], seed=tr["seed"], output=output)
+    mons = []
+    for i, m in enumerate(settings["monitor"]):
+        try:
+            mons.append(Monitor(m["target"], phase=m["phase"], every=m["every"], per=m["per"],
+                                units=tuple(m["units"]) if m["units"] else None,
+                                sample=m["sample"], name=m["name"]))
+        except ValidationError as e:
+            raise _monitor_error(e, i) from None
+    _check_memory(circuit, protocol, tr["batch_size"])
+    try:
+        plan = compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=mons,
+                            batch=tr["batch_size"], seed=tr["seed"], output=output)
+    except ValidationError as e:
+        if e.where.startswith("Monitor("):
+            hits = [k for k, m in enumerate(mons) if e.where.startswith(f"Monitor({m.target!r})")]
+            if len(hits) > 1:  # several monitors of one target: find the one that fails alone
+                hits = [k for k in hits if _fails_alone(circuit, protocol, rules, opt, mons[k],
+                                                        tr, output)] or hits
+            if hits:
+                raise _monitor_error(e, hits[0]) from None
+        raise _scenario_error(e) from None
     return Simulator(plan, threads=tr["threads"])
 
 
+def _fails_alone(circuit, protocol, rules, opt, mon, tr, output) -> bool:
+    try:
+        compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=[mon],
+                     batch=tr["batch_size"], seed=tr["seed"], output=output)
+    except ValidationError:
+        return True
+    return False
+
+
+_SCENARIO_SECTIONS = ("model", "data", "training", "simulation", "monitor", "scenario", "--set",
+                      "name", "description")
+_ENGINE_TO_KEY = (("Protocol.dt", "simulation.dt"), ("Protocol.mode", "simulation.mode"),
+                  ("Protocol.method", "simulation.method"), (".duration", "simulation.phase_duration"),
+                  (".tau", "simulation.tau"), (".dropout", "model.dropout"),
+                  ("compile.batch", "training.batch_size"), ("SGD.", "training"),
+                  (".sizes", "model.sizes"), (".size", "model.sizes"))
+
+
+def _scenario_error(e: ValidationError) -> ValidationError:
+    """Re-label an engine ValidationError with the scenario key that caused it."""
+    where = e.where
+    if where.split(".")[0].split("[")[0] in _SCENARIO_SECTIONS:
+        return e
+    for pattern, key in _ENGINE_TO_KEY:
+        if pattern in where:
+            if key == "training":
+                key = "training." + where.split("SGD.", 1)[1].split("[")[0]
+            return ValidationError(key, f"{e.message} ({where})", e.hint)
+    return ValidationError("model", f"{where}: {e.message}", e.hint)
+
+
+def _monitor_error(e: ValidationError, i: int) -> ValidationError:
+    attr = e.where.rsplit(").", 1)[1] if ")." in e.where else "target"
+    return ValidationError(f"monitor[{i}].{attr}", e.message, e.hint)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def _check_memory(circuit, protocol, batch: int) -> None:
+    """Refuse, before allocating anything, a circuit whose arena cannot fit in memory."""
+    weights = sum(a * b for a, b in (circuit.shape_of(p) for p in circuit.projections.values()))
+    units = sum(p.size for p in circuit.populations.values())
+    need = 4 * (4 * weights + 4 * (2 * len(protocol.phases) + 4) * units * batch)
+    limit = _physical_memory()
+    if limit is not None and need > limit:
+        raise ValidationError("training.batch_size" if 4 * 4 * weights < limit else "model",
+                              f"the compiled circuit needs about {need / 2**30:.3g} GiB "
+                              f"({weights} weights, {units} units x batch {batch}); this machine "
+                              f"has {limit / 2**30:.3g} GiB.",
+                              "lower training.batch_size or the population sizes.")
+
+
+# Settings that do not change what a run computes: a run may be resumed with other values
+# (e.g. more epochs, another data folder, more BLAS threads).
+_NOT_HASHED = {"name": None, "description": None, "data": ("dir", "verify"),
+               "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads")}
+
+
 def scenario_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the settings that determine a run's results (see ``_NOT_HASHED``)."""
+    s = copy.deepcopy(settings)
+    for key, sub in _NOT_HASHED.items():
+        if sub is None:
+            s.pop(key, None)
+        elif isinstance(s.get(key), dict):
+            for k in sub:
+                s[key].pop(k, None)
+    return hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _legacy_hash(settings: dict) -> str:
+    """The hash of checkpoints written by neurosim <= 0.1.0 (all settings, before
+    ``data.verify`` existed), so that such runs can still be resumed."""
+    s = copy.deepcopy(settings)
+    if isinstance(s.get("data"), dict):
+        s["data"].pop("verify", None)
+    return hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _atomic_write_bytes(path: Path, data: bytes):
@@ -54,19 +185,36 @@ def _atomic_write_bytes(path: Path, data: bytes):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - e.g. file systems without directory fsync
+        pass
 
 
 def _atomic_write_text(path: Path, text: str):
     _atomic_write_bytes(path, text.encode())
 
 
-def save_checkpoint(path: Path, sim: Simulator, epoch: int, metrics: list, settings: dict):
-    """Write a checkpoint atomically (temporary file + rename)."""
-    import io
+CHECKPOINT_FORMAT = 2
 
+
+def save_checkpoint(path: Path, sim: Simulator, epoch: int, metrics: list, settings: dict):
+    """Write a checkpoint atomically (temporary file + fsync + rename)."""
     state = sim.state_dict()
-    arrays = {"mem": state["mem"], "trial": np.int64(state["trial"]),
-              "step": np.int64(state["step"]), "epoch": np.int64(epoch),
+    mem = state["mem"]
+    arrays = {"format": np.int64(CHECKPOINT_FORMAT), "mem": mem,
+              "mem_sha256": np.frombuffer(hashlib.sha256(mem.tobytes()).hexdigest().encode(),
+                                          np.uint8),
+              "trial": np.int64(state["trial"]), "step": np.int64(state["step"]),
+              "epoch": np.int64(epoch),
+              "rng_seed": np.int64(settings["training"]["seed"]),
+              "rng_keys": np.asarray(sim.plan.keys, np.uint64),
+              "lr": np.float64(sim.plan.optimizer.lr_at(max(epoch - 1, 0))
+                               if sim.plan.optimizer is not None else math.nan),
               "metrics": np.frombuffer(json.dumps(metrics).encode(), np.uint8),
               "scenario_hash": np.frombuffer(scenario_hash(settings).encode(), np.uint8)}
     for k, chunks in state["records"].items():
@@ -79,32 +227,63 @@ def save_checkpoint(path: Path, sim: Simulator, epoch: int, metrics: list, setti
 
 
 def load_checkpoint(path: Path, sim: Simulator, settings: dict) -> tuple[int, list]:
-    """Restore a checkpoint into ``sim``; returns (epochs done, metrics rows)."""
+    """Restore a checkpoint into ``sim``; returns (epochs done, metrics rows).
+
+    Everything is read and checked before ``sim`` is touched; a corrupt, truncated or foreign
+    checkpoint raises :class:`ValidationError` naming the file."""
+    where = str(path)
     try:
-        with np.load(path) as z:
-            h = bytes(z["scenario_hash"]).decode()
-            if h != scenario_hash(settings):
-                raise ValidationError(str(path), "the checkpoint belongs to another scenario "
-                                      "(its settings hash differs).",
-                                      "resume with the run directory's own scenario.toml.")
-            records = {}
-            for key in z.files:
-                if key.startswith("rec_values:"):
-                    name = key.split(":", 1)[1]
-                    records[name] = [(z[key], z[f"rec_stamps:{name}"])]
-            sim.load_state_dict({"mem": z["mem"], "trial": int(z["trial"]),
-                                 "step": int(z["step"]), "records": records})
-            return int(z["epoch"]), json.loads(bytes(z["metrics"]).decode())
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            data = {k: z[k] for k in files}     # reads (and CRC-checks) every member
+    except Exception as e:  # zip/npz corruption, truncated file, unreadable
+        raise ValidationError(where, f"cannot read the checkpoint ({type(e).__name__}: {e}); "
+                              "it is corrupt or truncated.",
+                              "delete it to resume from the previous checkpoint, if any.") from None
+    try:
+        h = bytes(data["scenario_hash"]).decode()
+        if h not in (scenario_hash(settings), _legacy_hash(settings)):
+            raise ValidationError(where, "the checkpoint belongs to another scenario (its settings "
+                                  "hash differs).",
+                                  "resume with the run directory's own scenario.toml; only "
+                                  "training.epochs and similar bookkeeping keys may change.")
+        mem = data["mem"]
+        if mem.dtype != np.float32 or mem.ndim != 1:
+            raise ValueError(f"arena of dtype {mem.dtype} and shape {mem.shape}")
+        if "mem_sha256" in data:
+            want = bytes(data["mem_sha256"]).decode()
+            if hashlib.sha256(mem.tobytes()).hexdigest() != want:
+                raise ValueError("the arena's SHA-256 does not match the one recorded")
+        if "rng_keys" in data and not np.array_equal(data["rng_keys"],
+                                                     np.asarray(sim.plan.keys, np.uint64)):
+            raise ValidationError(where, "the checkpoint's random-number keys differ from this "
+                                  "scenario's (another seed or circuit).",
+                                  "resume with the run directory's own scenario.toml.")
+        epoch, trial, step = int(data["epoch"]), int(data["trial"]), int(data["step"])
+        metrics = json.loads(bytes(data["metrics"]).decode())
+        if not isinstance(metrics, list) or len(metrics) != epoch or epoch < 0 or trial < 0 \
+                or step < 0:
+            raise ValueError(f"inconsistent epoch {epoch} / trial {trial} / {len(metrics)} "
+                             "metrics rows")
+        records = {}
+        for key in files:
+            if key.startswith("rec_values:"):
+                name = key.split(":", 1)[1]
+                records[name] = [(data[key], data[f"rec_stamps:{name}"])]
     except ValidationError:
         raise
-    except Exception as e:  # zip/npz corruption, missing keys, truncated file
-        raise ValidationError(str(path), f"cannot read the checkpoint ({type(e).__name__}: {e}); "
-                              "it is corrupt or truncated.",
-                              "delete it to resume from the previous checkpoint.") from None
+    except Exception as e:  # missing keys, wrong types, bad JSON, hash mismatch
+        raise ValidationError(where, f"the checkpoint is corrupt ({type(e).__name__}: {e}).",
+                              "delete it to resume from the previous checkpoint, if any.") from None
+    try:
+        sim.load_state_dict({"mem": mem, "trial": trial, "step": step, "records": records})
+    except ValidationError as e:
+        raise ValidationError(where, e.message, e.hint) from None
+    return epoch, metrics
 
 
 def latest_checkpoint(run_dir: Path):
-    ck = sorted((run_dir / "checkpoints").glob("epoch-*.npz"))
+    ck = sorted(Path(run_dir, "checkpoints").glob("epoch-*.npz"))
     return ck[-1] if ck else None
 
 
@@ -112,7 +291,13 @@ def load_data(settings: dict, data_dir=None):
     from .datasets import load_dataset
 
     d = settings["data"]
-    ds = load_dataset(d["dataset"], data_dir=data_dir or d["dir"], train_limit=d["train_limit"])
+    try:
+        ds = load_dataset(d["dataset"], data_dir=data_dir or d["dir"],
+                          train_limit=d["train_limit"], verify=d.get("verify", True))
+    except ValidationError as e:
+        if e.where == "load_dataset.train_limit":
+            raise ValidationError("data.train_limit", e.message, e.hint) from None
+        raise
     x_test, y_test = ds.x_test, ds.y_test
     if d["test_limit"]:
         x_test, y_test = x_test[: d["test_limit"]], y_test[: d["test_limit"]]
@@ -121,22 +306,101 @@ def load_data(settings: dict, data_dir=None):
 
 def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progress: bool = True,
         log=print) -> dict:
-    """Run a validated scenario into ``out_dir``; returns the summary dict."""
+    """Run a validated scenario into ``out_dir``; returns the summary dict.
+
+    Everything that can be checked (scenario, circuit, data, the checkpoint to resume from) is
+    checked before anything is written. With ``resume``, training continues from the last
+    checkpoint in ``out_dir`` (from scratch if there is none)."""
     out = Path(out_dir)
     sim = make_simulator(settings)           # validates the whole circuit before any I/O
     ds, x_test, y_test = load_data(settings, data_dir)
-    tr = settings["training"]
-    opt = sim.plan.optimizer
+    _check_data_fits(sim, ds, settings)
+    if data_dir is not None:                 # so that --resume finds the data without --data
+        settings = copy.deepcopy(settings)
+        settings["data"]["dir"] = str(Path(data_dir).resolve())
     metrics, start_epoch = [], 0
     if resume:
         ck = latest_checkpoint(out)
         if ck is not None:
             start_epoch, metrics = load_checkpoint(ck, sim, settings)
             log(f"resumed from {ck} (epoch {start_epoch})")
-    else:
-        if (out / "metrics.csv").exists():
-            raise ValidationError("--out", f"{str(out)!r} already holds a run.",
-                                  "choose another --out, or continue it with --resume.")
+    elif (out / "metrics.csv").exists() or latest_checkpoint(out) is not None:
+        raise ValidationError("--out", f"{str(out)!r} already holds a run.",
+                              "choose another --out, or continue it with --resume.")
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        summary = _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch,
+                         progress, log)
+    except BaseException as e:
+        _after_failure(out, before, e)
+        raise
+    try:
+        (out / "error.json").unlink()
+    except FileNotFoundError:
+        pass
+    return summary
+
+
+def _check_data_fits(sim: Simulator, ds, settings) -> None:
+    """The circuit's input and one-hot target sizes against the data set, before any I/O."""
+    plan = sim.plan
+    name = settings["data"]["dataset"]
+    if "x" in plan.stimuli:
+        need = plan.view("stim.x").shape[1]
+        if ds.x_train.shape[1] != need:
+            raise ValidationError("model.sizes", f"the input takes {need} features per sample, "
+                                  f"but {name} samples have {ds.x_train.shape[1]}.",
+                                  f"make the first size {ds.x_train.shape[1]}.")
+    if "t" in plan.stimuli and plan.targets == "onehot":
+        n_out = plan.view("stim.t").shape[1]
+        if ds.n_classes > n_out:
+            raise ValidationError("model.sizes", f"the output has {n_out} units, but {name} has "
+                                  f"{ds.n_classes} classes.",
+                                  f"make the last size {ds.n_classes}.")
+
+
+def _after_failure(out: Path, before, exc: BaseException) -> None:
+    """A failed run leaves either no trace (nothing was checkpointed: every file it created is
+    removed) or its last good checkpoint untouched plus ``error.json``."""
+    if latest_checkpoint(out) is None:
+        if before is None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for p in set(out.iterdir()) - before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    if isinstance(exc, Exception):
+        info = {"error": type(exc).__name__, "message": str(exc),
+                "last_checkpoint": str(latest_checkpoint(out))}
+        for k in ("phase", "step", "population", "projection", "epoch"):
+            if getattr(exc, k, None) is not None:
+                info[k] = getattr(exc, k)
+        try:
+            _atomic_write_text(out / "error.json", json.dumps(info, indent=2, default=str))
+        except OSError:  # pragma: no cover - the original error matters more
+            pass
+
+
+def _diverged(e: SimulationError, epoch: int, out: Path) -> SimulationError:
+    """The kernel's error with the epoch and what happened to the checkpoints."""
+    text = str(e)
+    if e.hint and text.endswith(f"Hint: {e.hint}"):
+        text = text[: -len(f"Hint: {e.hint}")].rstrip()
+    ck = latest_checkpoint(out)
+    where = (f"the last good checkpoint, {ck}, is intact" if ck is not None else
+             "no checkpoint was written (the run failed in its first epoch)")
+    hint = (e.hint or "").replace("; the last checkpoint is intact", "").rstrip(". ")
+    err = SimulationError(f"epoch {epoch}: {text}", hint=f"{hint}; {where}." if hint else
+                          f"{where}.")
+    err.phase, err.step, err.population, err.projection = e.phase, e.step, e.population, \
+        e.projection
+    err.epoch = epoch
+    return err
+
+
+def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progress, log) -> dict:
+    tr = settings["training"]
+    opt = sim.plan.optimizer
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     _atomic_write_text(out / "scenario.toml", sc.to_toml(settings))
@@ -165,21 +429,20 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
             t0 = time.perf_counter()
             try:
                 sim.train(ds.x_train, ds.y_train, order, chunk=tr["chunk"], progress=step)
+                t_train = time.perf_counter() - t0
+                row = {"epoch": epoch + 1, "lr": lr, "samples_per_s": n / t_train,
+                       "epoch_s": t_train}
+                if stats is not None:
+                    c = sim.plan.view("stats.correct")
+                    row["train_accuracy"] = float(c[0, 0] / max(c[0, 1], 1))
+                else:
+                    row["train_accuracy"] = float("nan")
+                if (epoch + 1) % tr["eval_every"] == 0 or epoch + 1 == tr["epochs"]:
+                    row["test_accuracy"] = sim.evaluate(x_test, y_test)
+                else:
+                    row["test_accuracy"] = float("nan")
             except SimulationError as e:
-                raise SimulationError(f"epoch {epoch + 1}: {e}", hint="the last checkpoint in "
-                                      f"{out / 'checkpoints'} is intact.") from e
-            t_train = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "lr": lr, "samples_per_s": n / t_train,
-                   "epoch_s": t_train}
-            if stats is not None:
-                c = sim.plan.view("stats.correct")
-                row["train_accuracy"] = float(c[0, 0] / max(c[0, 1], 1))
-            else:
-                row["train_accuracy"] = float("nan")
-            if (epoch + 1) % tr["eval_every"] == 0 or epoch + 1 == tr["epochs"]:
-                row["test_accuracy"] = sim.evaluate(x_test, y_test)
-            else:
-                row["test_accuracy"] = float("nan")
+                raise _diverged(e, epoch + 1, out) from e
             row["wall_s"] = time.perf_counter() - wall0
             metrics.append(row)
             _write_outputs(out, sim, settings, metrics, ds)
@@ -195,8 +458,7 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
     finally:
         if bar is not None:
             bar.close()
-    summary = _write_outputs(out, sim, settings, metrics, ds, final=True)
-    return summary
+    return _write_outputs(out, sim, settings, metrics, ds, final=True)
 
 
 def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
@@ -211,8 +473,6 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
     for k, t in traces.items():
         for field, v in t.to_dict().items():
             arrays[f"{k}/{field}"] = v
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     _atomic_write_bytes(out / "traces.npz", buf.getvalue())

@@ -1,0 +1,568 @@
+"""``neurosim sweep``: every combination of a parameter grid x seeds, on dask.distributed.
+
+::
+
+    neurosim sweep scenarios/pepita_mnist.toml --grid training.lr=0.05,0.1 \\
+        --grid training.batch_size=32,64 --seeds 3 --set training.epochs=10 \\
+        --data ../shared/data/mnist [--scheduler tcp://host:8786] [--out sweeps/lr-batch]
+
+Each run is an ordinary run directory under ``OUT/runs/<name>`` (the same files as
+``neurosim run``), computed by one task on a dask worker: by default a
+``LocalCluster`` of single-threaded worker processes on this machine, or the workers of an
+existing scheduler given with ``--scheduler`` (e.g. one started by dask-jobqueue on a batch
+system; the output folder and the data must then be on a file system the workers share).
+
+The sweep folder gets ``sweep.csv`` (one row per run: status, grid values, seed, final metrics)
+and ``summary.md`` (mean +- std over seeds of the final metrics, per grid point), both rewritten
+as runs finish, plus ``sweep.json`` (what was asked). Running the same command again skips the
+finished runs (and those that diverged: a divergence is deterministic; ``--retry-failed``
+retries them), resumes interrupted ones from their last checkpoint, and starts the others. A
+worker that dies mid-run (killed, out of memory) has its task rescheduled by dask, and the run
+then resumes from its last checkpoint.
+
+Everything is validated (every grid point's scenario and circuit) before a worker starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import NeurosimError, SimulationError, ValidationError
+
+HELP = "run a scenario over a parameter grid x seeds on dask.distributed (local or a cluster)"
+
+# metrics of summary.json aggregated per grid point (plus any other final_*/best_* number)
+_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy", "wall_s")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("scenario", help="TOML scenario file")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a scenario key and the values to sweep, e.g. --grid training.lr=0.05,0.1 "
+                   "(repeatable: the sweep runs every combination; list values in brackets, "
+                   "e.g. --grid 'model.sizes=[784,256,10],[784,1024,10]')")
+    p.add_argument("--seeds", default="1", metavar="N",
+                   help="seeds per grid point: training.seed, training.seed + 1, ... (default 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key for every run (repeatable)")
+    p.add_argument("--data", help="folder holding the dataset's own files (as for neurosim run)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a running dask scheduler (e.g. tcp://10.0.0.1:8786); "
+                   "default: a LocalCluster of single-threaded worker processes")
+    p.add_argument("--workers", default=None, metavar="N",
+                   help="LocalCluster worker processes (default: the number of CPUs; never "
+                   "more than the runs left to do)")
+    p.add_argument("--out", help="sweep folder (default sweeps/<scenario name>); re-running "
+                   "into the same folder skips finished runs")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also re-run runs recorded as diverged")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# -- planning ---------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    name: str
+    point: dict            # grid key -> value text (as given)
+    seed: int
+    settings: dict
+    run_dir: Path = None
+    status: str = "pending"    # pending | ok | diverged | failed
+    row: dict = field(default_factory=dict)
+
+
+def split_values(text: str, where: str) -> list[str]:
+    """Split ``v1,v2,...`` at the commas outside brackets, braces and quotes."""
+    out, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ValidationError(where, f"unbalanced {ch!r} in {text!r}.")
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    if quote or depth:
+        raise ValidationError(where, f"unbalanced brackets or quotes in {text!r}.")
+    out.append("".join(cur).strip())
+    if any(v == "" for v in out):
+        raise ValidationError(where, f"empty value in {text!r}.", "write KEY=V1,V2,...")
+    return out
+
+
+def parse_grid(items) -> dict:
+    """``["training.lr=0.05,0.1", ...]`` -> ``{"training.lr": ["0.05", "0.1"], ...}``."""
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            raise ValidationError("--grid", f"got {item!r}, expected KEY=V1,V2,... (e.g. "
+                                  "training.lr=0.05,0.1).")
+        key, values = item.split("=", 1)
+        key = key.strip()
+        if len(key.split(".")) != 2 or not all(key.split(".")):
+            raise ValidationError("--grid", f"got key {key!r}, expected section.key (e.g. "
+                                  "training.lr).")
+        if key in grid:
+            raise ValidationError(f"--grid {key}", "given twice.", "list all its values in one "
+                                  "--grid.")
+        vals = split_values(values, f"--grid {key}")
+        if len(set(vals)) != len(vals):
+            raise ValidationError(f"--grid {key}", f"repeats a value in {vals}.")
+        grid[key] = vals
+    return grid
+
+
+def _positive_int(text, where) -> int:
+    try:
+        n = int(str(text))
+    except ValueError:
+        raise ValidationError(where, f"got {text!r}, expected a positive integer.") from None
+    if n < 1:
+        raise ValidationError(where, f"got {n}, expected a positive integer.")
+    return n
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.")
+    return s or "x"
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _point_names(grid: dict, points: list) -> list[str]:
+    short = [k.split(".")[-1] for k in grid]
+    labels = short if len(set(short)) == len(short) else [k for k in grid]
+    names = []
+    for values in points:
+        name = "_".join(f"{_slug(lab)}-{_slug(v)}" for lab, v in zip(labels, values)) or "base"
+        if len(name) > 100:
+            name = name[:90] + "-" + _short_hash(values)
+        names.append(name)
+    if len(set(names)) != len(names):      # distinct values that sanitise alike
+        names = [f"{n}-{_short_hash(v)}" for n, v in zip(names, points)]
+    return names
+
+
+def plan_sweep(scenario, grid_items, seeds, overrides=()) -> tuple[dict, dict, list[RunSpec]]:
+    """Validate every run of the sweep; returns (grid, base settings, runs)."""
+    from . import scenario as sc
+
+    grid = parse_grid(grid_items)
+    n_seeds = _positive_int(seeds, "--seeds")
+    base = sc.load(scenario, overrides)
+    if "training.seed" in grid and n_seeds > 1:
+        raise ValidationError("--seeds", "training.seed is already swept by --grid.",
+                              "drop --seeds, or the training.seed grid.")
+    seed0 = base["training"]["seed"]
+    points = list(itertools.product(*grid.values())) if grid else [()]
+    names = _point_names(grid, points)
+    runs = []
+    for name, values in zip(names, points):
+        label = ", ".join(f"{k}={v}" for k, v in zip(grid, values))
+        for k in range(n_seeds):
+            seed = seed0 + k
+            sets = list(overrides) + [f"{key}={v}" for key, v in zip(grid, values)]
+            if "training.seed" not in grid:
+                sets.append(f"training.seed={seed}")
+            try:
+                settings = sc.load(scenario, sets)
+            except ValidationError as e:
+                raise ValidationError(e.where, f"{e.message} (grid point {label})", e.hint) \
+                    from None
+            seed = settings["training"]["seed"]
+            runs.append(RunSpec(f"{name}_seed-{seed}", dict(zip(grid, values)), seed, settings))
+    return grid, base, runs
+
+
+def _check_circuits(runs, ds=None) -> None:
+    """Build and compile every distinct circuit once (cheap; no kernels run); with a loaded
+    data set ``ds``, also check that the circuits fit it."""
+    from . import scenario as sc
+    from .training import _check_data_fits, make_simulator, scenario_hash
+
+    seen = set()
+    for r in runs:
+        h = scenario_hash({**r.settings, "training": {**r.settings["training"], "seed": 0}})
+        if h in seen:
+            continue
+        seen.add(h)
+        label = ", ".join(f"{k}={v}" for k, v in r.point.items()) or "the base scenario"
+        try:
+            if sc.runner_for(r.settings) is not None:
+                sc.build(r.settings)
+            else:
+                sim = make_simulator(r.settings)
+                if ds is not None:
+                    _check_data_fits(sim, ds, r.settings)
+        except ValidationError as e:
+            raise ValidationError(e.where, f"{e.message} (grid point {label})", e.hint) from None
+
+
+# -- state of the run directories -------------------------------------------------------------------
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _previous_rows(out: Path) -> dict:
+    try:
+        with open(out / "sweep.csv", newline="") as f:
+            return {r["run"]: r for r in csv.DictReader(f)}
+    except (OSError, csv.Error, KeyError):
+        return {}
+
+
+def _classify(run: RunSpec, previous: dict, retry_failed: bool) -> None:
+    """Set run.status from its run directory: ok (finished), diverged, or pending."""
+    from . import scenario as sc
+    from .training import scenario_hash
+
+    d = run.run_dir
+    toml = d / "scenario.toml"
+    if toml.is_file():
+        try:
+            have = scenario_hash(sc.load(toml))
+        except ValidationError as e:
+            raise ValidationError(str(toml), f"this run directory's scenario is unreadable "
+                                  f"({e}).", "delete the run directory to run it again.") from None
+        if have != scenario_hash(run.settings):
+            raise ValidationError("--out", f"{str(d)!r} holds a run of different settings than "
+                                  "this sweep asks for.", "use another --out for a different "
+                                  "scenario or --set values.")
+    summary = _read_json(d / "summary.json") or {}
+    epochs = run.settings["training"]["epochs"]
+    finished = bool(summary) and summary.get("complete", True) is True and \
+        summary.get("epochs_done", epochs) >= epochs
+    prev = previous.get(run.name, {})
+    if finished and not (d / "error.json").exists():
+        run.status = "ok"
+        run.row = _row(run, summary, None, {k: prev[k] for k in ("task_s", "worker")
+                                             if prev.get(k)})
+        return
+    if retry_failed:
+        return
+    err = _read_json(d / "error.json")
+    if err and err.get("error") == "SimulationError":
+        run.status = "diverged"
+        run.row = _row(run, summary, err.get("message"))
+    elif prev.get("status") == "diverged" and not toml.is_file():
+        run.status = "diverged"      # diverged in its first epoch: nothing was kept
+        run.row = dict(prev)
+
+
+def _row(run: RunSpec, summary: dict, error, extra=None) -> dict:
+    row = {"run": run.name, "status": run.status, "seed": run.seed, **run.point}
+    for k, v in (summary or {}).items():
+        if k in ("epochs_done", "mean_samples_per_s") or k in _METRICS or (
+                k.startswith(("final_", "best_")) and _is_number(v)):
+            row[k] = v
+    row.update(extra or {})
+    row["error"] = error or ""
+    return row
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# -- the task run by a worker -----------------------------------------------------------------------
+def run_one(settings: dict, run_dir: str, data_dir) -> dict:
+    """Run (or resume) one run directory; never raises: returns status, summary and timing."""
+    import socket
+
+    from . import scenario as sc
+    from . import training
+
+    t0 = time.perf_counter()
+    out = Path(run_dir)
+    resume = (out / "scenario.toml").is_file()
+    status, error, summary = "ok", None, {}
+    try:
+        runner = sc.runner_for(settings)
+        if runner is None:
+            summary = training.run(settings, out, data_dir=data_dir, resume=resume,
+                                   progress=False, log=lambda *a, **k: None)
+        else:
+            summary = runner(settings, out, data_dir=data_dir, resume=resume, progress=False)
+    except SimulationError as e:
+        status, error = "diverged", str(e)
+        summary = _read_json(out / "summary.json") or {}
+    except NeurosimError as e:
+        status, error = "failed", str(e)
+    except Exception as e:  # a bug: report it in sweep.csv rather than lose the sweep
+        status, error = "failed", f"{type(e).__name__}: {e}"
+    return {"status": status, "error": error, "summary": summary or {},
+            "task_s": time.perf_counter() - t0, "resumed": resume,
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(out: Path, grid: dict, runs: list[RunSpec]) -> None:
+    fixed = ["run", "status", "seed", *grid, "epochs_done", *_METRICS]
+    extra = sorted({k for r in runs for k in r.row} - set(fixed) - {"error"})
+    fields = fixed + extra + ["error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in runs:
+        row = dict(r.row) if r.row else {"run": r.name, "status": r.status, "seed": r.seed,
+                                         **r.point}
+        row["status"] = r.status
+        w.writerow({k: _fmt_csv(row.get(k)) for k in fields})
+    _atomic_write(out / "sweep.csv", buf.getvalue())
+
+
+def _fmt_csv(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return v
+
+
+def _mean_std(values):
+    vals = [float(v) for v in values if v not in (None, "") and math.isfinite(float(v))]
+    if not vals:
+        return None, None, 0
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return m, s, len(vals)
+
+
+def aggregate(grid: dict, runs: list[RunSpec]) -> tuple[list[str], list[dict]]:
+    """Per grid point: runs done and mean/std of each final metric over its finished seeds."""
+    metrics = list(_METRICS) + sorted({k for r in runs for k, v in r.row.items()
+                                       if k.startswith(("final_", "best_")) and k not in _METRICS})
+    points = {}
+    for r in runs:
+        points.setdefault(tuple(r.point.get(k) for k in grid), []).append(r)
+    out = []
+    for values, rs in points.items():
+        ok = [r for r in rs if r.status == "ok"]
+        agg = {"point": dict(zip(grid, values)), "runs": len(rs), "ok": len(ok),
+               "diverged": sum(r.status == "diverged" for r in rs),
+               "failed": sum(r.status == "failed" for r in rs)}
+        for m in metrics:
+            agg[m] = _mean_std(r.row.get(m) for r in ok)
+        out.append(agg)
+    return metrics, out
+
+
+def _fmt(m, s, metric):
+    if m is None:
+        return "—"
+    if metric.endswith("accuracy"):
+        return f"{100 * m:.2f} ± {100 * s:.2f} %" if s is not None else f"{100 * m:.2f} %"
+    return f"{m:.4g} ± {s:.2g}" if s is not None else f"{m:.4g}"
+
+
+def write_summary(out: Path, spec: dict, grid: dict, runs: list[RunSpec], timing: dict) -> str:
+    metrics, points = aggregate(grid, runs)
+    metrics = [m for m in metrics if any(p[m][2] for p in points)] or list(_METRICS[:1])
+    n = len(runs)
+    counts = {s: sum(r.status == s for r in runs) for s in ("ok", "diverged", "failed", "pending")}
+    lines = [f"# Sweep of {spec['scenario_name']}", "",
+             f"- scenario: `{spec['scenario']}`" + (f", with `--set {' '.join(spec['overrides'])}`"
+                                                    if spec["overrides"] else ""),
+             f"- grid: " + (", ".join(f"`{k}` in {{{', '.join(v)}}}" for k, v in grid.items())
+                            or "none (the base scenario)"),
+             f"- seeds per point: {spec['seeds']} (training.seed = {spec['seed0']}, ...)",
+             f"- runs: {n} — {counts['ok']} finished, {counts['diverged']} diverged, "
+             f"{counts['failed']} failed, {counts['pending']} not run",
+             f"- this invocation: {timing.get('ran', 0)} run(s) computed, {timing.get('skipped', 0)} "
+             f"skipped as already finished; wall time {timing.get('wall_s', 0.0):.1f} s on "
+             f"{timing.get('where', 'no workers')}",
+             "", "Mean ± standard deviation over the finished seeds of each grid point (sample "
+             "std, n - 1; none with one seed).", ""]
+    head = [*(k.split(".")[-1] for k in grid), "finished", *metrics]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for p in points:
+        cells = [str(p["point"][k]) for k in grid]
+        done = f"{p['ok']}/{p['runs']}" + (f" ({p['diverged']} diverged)" if p["diverged"] else "") \
+            + (f" ({p['failed']} failed)" if p["failed"] else "")
+        cells.append(done)
+        cells += [_fmt(p[m][0], p[m][1], m) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "final_test_accuracy" in metrics:
+        best = max((p for p in points if p["final_test_accuracy"][0] is not None),
+                   key=lambda p: p["final_test_accuracy"][0], default=None)
+        if best is not None and grid:
+            lines += ["", "Best final test accuracy: " + ", ".join(
+                f"`{k}={v}`" for k, v in best["point"].items()) +
+                f" ({_fmt(*best['final_test_accuracy'][:2], 'final_test_accuracy')})."]
+    bad = [r for r in runs if r.status in ("diverged", "failed")]
+    if bad:
+        lines += ["", "## Runs that did not finish", ""]
+        for r in bad:
+            msg = (r.row.get("error") or "").replace("\n", " ")
+            lines.append(f"- `{r.name}` ({r.status}): {msg[:300]}")
+    lines += ["", "Per-run rows: `sweep.csv`; run directories: `runs/`. `neurosim report` on this "
+              "folder plots them.", ""]
+    text = "\n".join(lines)
+    _atomic_write(out / "summary.md", text)
+    return text
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _client(args, n_pending: int):
+    """A dask Client: connected to --scheduler, or to a fresh LocalCluster (closed by the caller)."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    if args.scheduler:
+        try:
+            client = Client(args.scheduler, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise ValidationError("--scheduler", f"cannot connect to {args.scheduler!r} ({e}).",
+                                  "start one (dask scheduler / dask-jobqueue) or leave out "
+                                  "--scheduler for a local cluster.") from None
+        return client, None, f"the workers of {args.scheduler}"
+    n = _positive_int(args.workers, "--workers") if args.workers is not None else \
+        (os.cpu_count() or 1)
+    n = max(1, min(n, n_pending))        # no idle workers
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    return Client(cluster), cluster, f"a LocalCluster of {n} single-threaded worker process(es)"
+
+
+def main(args) -> int:
+    t_start = time.perf_counter()
+    grid, base, runs = plan_sweep(args.scenario, args.grid, args.seeds, args.overrides)
+    if args.workers is not None:
+        _positive_int(args.workers, "--workers")
+    _check_circuits(runs)
+    data_dir = str(Path(args.data).resolve()) if args.data else None
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ValidationError("--data", f"{args.data!r} is not a folder.",
+                              "give the folder holding the dataset's files, e.g. "
+                              "../shared/data/mnist.")
+    out = Path(args.out) if args.out else Path("sweeps") / base["name"]
+    out = out.resolve()
+    previous = _previous_rows(out)
+    for r in runs:
+        r.run_dir = out / "runs" / r.name
+        _classify(r, previous, args.retry_failed)
+    pending = [r for r in runs if r.status == "pending"]
+    if not args.scheduler and pending and data_dir is not None:
+        # fail fast on missing or corrupt data, or circuits that do not fit it
+        from .training import load_data
+
+        _check_circuits(pending, load_data(pending[0].settings, data_dir)[0])
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    spec = {"scenario": str(args.scenario), "scenario_name": base["name"], "grid": grid,
+            "seeds": _positive_int(args.seeds, "--seeds"), "seed0": base["training"]["seed"],
+            "overrides": list(args.overrides), "data": data_dir, "runs": [r.name for r in runs]}
+    _atomic_write(out / "sweep.json", json.dumps(spec, indent=2))
+    skipped = len(runs) - len(pending)
+    timing = {"skipped": skipped, "ran": 0, "where": "no workers (nothing to run)"}
+
+    def flush():
+        timing["wall_s"] = time.perf_counter() - t_start
+        write_csv(out, grid, runs)
+        write_summary(out, spec, grid, runs, timing)
+
+    total = len(runs)
+    print(f"sweep: {total} runs ({total // spec['seeds']} grid point(s) x {spec['seeds']} "
+          f"seed(s)) into {out}; {skipped} already finished, {len(pending)} to run",
+          file=sys.stderr)
+    if pending:
+        _execute(args, pending, runs, data_dir, timing, flush, total, skipped)
+    flush()
+    failed = [r for r in runs if r.status == "failed"]
+    diverged = [r for r in runs if r.status == "diverged"]
+    print(f"sweep: {sum(r.status == 'ok' for r in runs)}/{total} finished, {len(diverged)} "
+          f"diverged, {len(failed)} failed; see {out / 'summary.md'}")
+    for r in failed:
+        print(f"  failed: {r.name}: {r.row.get('error', '')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _execute(args, pending, runs, data_dir, timing, flush, total, skipped) -> None:
+    from dask.distributed import as_completed
+
+    client, cluster, where = _client(args, len(pending))
+    timing["where"] = where
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=skipped, unit="run", desc="runs", dynamic_ncols=True,
+                   disable=None)
+        if bar.disable:
+            bar = None
+    done = skipped
+    futures = {}
+    try:
+        for r in pending:
+            f = client.submit(run_one, r.settings, str(r.run_dir), data_dir, pure=False,
+                              key=f"neurosim-run-{r.name}-{uuid.uuid4().hex[:8]}")
+            futures[f] = r
+        for f in as_completed(futures):
+            r = futures[f]
+            try:
+                res = f.result()
+            except Exception as e:  # the task itself failed (worker died repeatedly, ...)
+                res = {"status": "failed", "error": f"{type(e).__name__}: {e}", "summary": {},
+                       "task_s": None, "worker": ""}
+            r.status = res["status"]
+            r.row = _row(r, res["summary"], res["error"],
+                         {"task_s": res["task_s"], "worker": res["worker"]})
+            done += 1
+            timing["ran"] += 1
+            flush()
+            acc = r.row.get("final_test_accuracy")
+            note = f"test {acc:.4f}" if _is_number(acc) else (r.row["error"][:120] or "")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{r.name}: {r.status}")
+            else:
+                t = f" ({res['task_s']:.1f} s)" if res["task_s"] is not None else ""
+                print(f"[{done}/{total}] {r.name}: {r.status} {note}{t}", file=sys.stderr,
+                      flush=True)
+    except KeyboardInterrupt:
+        for f in futures:
+            f.cancel()
+        print("neurosim sweep: interrupted; finished runs are kept and the others resume from "
+              "their checkpoints when the same command is run again.", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()

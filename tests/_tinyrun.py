@@ -1,0 +1,86 @@
+"""Helpers for the run/sweep/report tests: a tiny synthetic MNIST-format data set and a tiny
+PEPITA scenario that trains on it in well under a second per epoch.
+
+The synthetic files are genuine IDX files (gzip), so they go through the real loader; they are
+not the canonical MNIST, so the scenarios set ``data.verify = false`` (structure checks only).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, np.uint8)
+    magic = 0x0803 if array.ndim == 3 else 0x0801
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + array.tobytes())
+
+
+def make_mnist_like(folder: Path, n_train: int = 384, n_test: int = 128, seed: int = 0) -> Path:
+    """Learnable fake MNIST: each class lights up its own block of pixels, plus noise."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            r = 2 + 2 * int(c)
+            x[i, r:r + 3, 4:24] = 200 + rng.integers(0, 55)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return folder
+
+
+TINY_SCENARIO = """\
+name = "tiny"
+description = "a tiny PEPITA network on synthetic MNIST-format data (tests)"
+
+[model]
+name = "pepita"
+sizes = [784, 24, 10]
+dropout = 0.1
+
+[data]
+dataset = "mnist"
+verify = false
+
+[training]
+epochs = {epochs}
+batch_size = 32
+lr = 0.05
+momentum = 0.9
+seed = 0
+
+[simulation]
+mode = "steady"
+
+[[monitor]]
+target = "angle:F"
+every = 3
+
+[[monitor]]
+target = "W1.norm"
+every = 3
+
+[[monitor]]
+target = "hidden.r"
+phase = "modulated"
+every = 4
+units = [0, 6]
+"""
+
+
+def write_tiny_scenario(folder: Path, epochs: int = 2, extra: str = "") -> Path:
+    path = Path(folder) / "tiny.toml"
+    path.write_text(TINY_SCENARIO.format(epochs=epochs) + extra)
+    return path
