@@ -15,7 +15,10 @@ Updates are summed over the batch (the optimizer divides by B), descent directio
     ``u_l = (u_{l-1} W_l^T) * f'(a_l)``, ``delta_l = -u_l`` — for one hidden layer DFA with the
     adaptive feedback ``B_1 = -s W_1 F`` (recomputed every step as W_1 learns).
 
-With dropout, ``f'`` includes the trial's mask (``h = mask * f(a)``).
+With dropout, ``f'`` includes the trial's mask (``h = mask * f(a)``). A projection gain g
+(``drive = g W h``) enters as the chain rule says: BP/FA/DFA updates are ``g delta^T h`` and BP
+propagates through ``g W``; AFA propagates its perturbation through ``g W`` and, like the PEPITA
+update it approximates, applies no gain to its own update.
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def build_feedback_alignment(pb, rule):
             pb.gemm(u, err, pb.weight(fb.name), trans_b=True, alpha=fb.gain)
             for l in range(L - 1):
                 nxt = pb.scratch(f"{rule.name}.u{l + 1}", c.populations[pops[l + 1]].size)
-                pb.gemm(nxt, u, pb.weight(projs[l]), trans_b=True)
+                pb.gemm(nxt, u, pb.weight(projs[l]), trans_b=True,
+                        alpha=c.projections[projs[l]].gain)
                 _fprime(pb, nxt, pops[l + 1], ph)
                 delta[l] = nxt
                 u = nxt
@@ -150,7 +154,8 @@ def build_feedback_alignment(pb, rule):
             for l in range(L - 2, -1, -1):
                 d = pb.scratch(f"{rule.name}.delta{l}", c.populations[pops[l + 1]].size)
                 if kind == "BP":
-                    pb.gemm(d, delta[l + 1], pb.weight(projs[l + 1]))
+                    pb.gemm(d, delta[l + 1], pb.weight(projs[l + 1]),
+                            alpha=c.projections[projs[l + 1]].gain)
                 elif kind == "FA":
                     post, pre = c.shape_of(c.projections[projs[l + 1]])
                     B = rule.feedback_init.sample((post, pre),
@@ -167,5 +172,8 @@ def build_feedback_alignment(pb, rule):
                 delta[l] = d
         for l in range(L):
             dW, beta = pb.grad(projs[l])
-            sign = -1.0 if (kind == "AFA" and l < L - 1) else 1.0
-            pb.gemm(dW, delta[l], pb.rate(pops[l], ph), trans_a=True, alpha=sign, beta=beta)
+            if kind == "AFA":   # PEPITA's update, to first order: no gain factor
+                alpha = -1.0 if l < L - 1 else 1.0
+            else:               # d drive / dW = gain * pre
+                alpha = c.projections[projs[l]].gain
+            pb.gemm(dW, delta[l], pb.rate(pops[l], ph), trans_a=True, alpha=alpha, beta=beta)
