@@ -1,6 +1,7 @@
 """Ready-made circuits and rules built on neurosim's public API (installed as neurosim.models)."""
 
 from .pepita import PepitaNetwork, build_pepita_network
+from . import crosscheck  # noqa: F401  (registers the "crosscheck" scenario model)
 from . import teacher_student  # noqa: F401  (registers the "teacher_student" scenario model)
 
 __all__ = ["PepitaNetwork", "build_pepita_network"]

@@ -662,12 +662,14 @@ def _build_phase(pb, prb, ph, prev, training, kind):
         prb.is_loop[f"{ph.name}:loop"] = True
     with pb.at(f"{ph.name}:pre"):
         if kind != "free":  # a free run continues the phase's own state
+            # reset=False on the first phase continues from the previous trial's last phase
+            src = prev if prev is not None else (protocol.phases[-1] if kind == "train" else ph)
             for p in dyn:
                 r = pb.rate(p.name, ph.name)
                 if reset:
                     pb.zero(r, f"population {p.name!r} (reset)")
-                else:
-                    pb.copy(r, pb.rate(p.name, prev.name), f"population {p.name!r} (continue)")
+                elif src.name != ph.name:
+                    pb.copy(r, pb.rate(p.name, src.name), f"population {p.name!r} (continue)")
         for name in inst_order:
             _eval_inst(pb, ph, circuit.populations[name], training, stim_of)
         for p in dyn_const:

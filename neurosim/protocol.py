@@ -36,8 +36,9 @@ class Phase:
         If given, only these projections may be active in the phase (in addition to each
         projection's own ``phases``).
     reset : bool or None
-        Start the phase from zero rates (True) or from the previous phase's end state (False).
-        None (default): reset for the first phase of a trial, continue otherwise.
+        Start the phase from zero rates (True) or from the previous phase's end state (False;
+        for the first phase: the previous trial's last phase). None (default): reset for the
+        first phase of a trial, continue otherwise.
     """
 
     name: str

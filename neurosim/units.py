@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 from .errors import ValidationError
 
-_TIME_UNITS = {"s": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msecond": 1e-3,
-               "us": 1e-6, "usecond": 1e-6, "µs": 1e-6, "ns": 1e-9, "nsecond": 1e-9,
-               "min": 60.0, "minute": 60.0}
-_RATE_UNITS = {"hz": 1.0, "khz": 1e3, "mhz": 1e6}
+# Unit symbols are case-sensitive, as in SI and brian2 ("mHz" is millihertz, "MHz" megahertz).
+_TIME_UNITS = {"s": 1.0, "second": 1.0, "seconds": 1.0, "sec": 1.0,
+               "ms": 1e-3, "msecond": 1e-3, "msec": 1e-3,
+               "us": 1e-6, "usecond": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6,
+               "ns": 1e-9, "nsecond": 1e-9, "min": 60.0, "minute": 60.0, "minutes": 60.0}
+_RATE_UNITS = {"Hz": 1.0, "hz": 1.0, "hertz": 1.0, "kHz": 1e3, "khz": 1e3, "khertz": 1e3,
+               "MHz": 1e6, "Mhertz": 1e6, "mHz": 1e-3, "mhertz": 1e-3}
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_PATTERN = re.compile(rf"^\s*({_NUM})\s*\*?\s*([A-Za-zµ]+)\s*$")
+_PATTERN = re.compile(rf"^\s*({_NUM})\s*\*?\s*([A-Za-z\u00b5\u03bc]+)\s*$")
 
 
 def _is_brian_quantity(value) -> bool:
@@ -38,13 +43,19 @@ def to_seconds(value, where: str, *, allow_zero: bool = True) -> float:
     return seconds
 
 
-def to_hertz(value, where: str) -> float:
-    """Convert a rate parameter (float in Hz, brian2 quantity, or ``"5 Hz"``) to Hz."""
-    return _convert(value, where, _RATE_UNITS, "rate", "hertz")
+def to_hertz(value, where: str, *, allow_zero: bool = True) -> float:
+    """Convert a rate parameter (float in Hz, brian2 quantity, or ``"5 Hz"``) to Hz (>= 0)."""
+    hertz = _convert(value, where, _RATE_UNITS, "rate", "hertz")
+    if hertz < 0 or (hertz == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValidationError(where, f"got {value!r}, expected a rate {bound}.",
+                              "rates are in Hz unless a unit is given, e.g. '5 Hz'.")
+    return hertz
 
 
 def _convert(value, where, table, kind, si_name):
-    if isinstance(value, bool):
+    example = "10 ms" if kind == "time" else "5 Hz"
+    if isinstance(value, (bool, np.bool_)):
         raise ValidationError(where, f"got the boolean {value!r}, expected a {kind}.")
     if _is_brian_quantity(value):
         from brian2 import Quantity, get_dimensions
@@ -54,10 +65,16 @@ def _convert(value, where, table, kind, si_name):
         if get_dimensions(value) != get_dimensions(target):
             raise ValidationError(
                 where, f"got {value!r} with dimensions {get_dimensions(value)}, expected a {kind} "
-                f"(dimension of {si_name}).", f"write it as e.g. 10*ms" if kind == "time" else None)
-        out = float(Quantity(value) / target)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = float(value)
+                f"(dimension of {si_name}).", f"write it as e.g. {example.replace(' ', '*')}.")
+        q = Quantity(value) / target
+        if getattr(q, "size", 1) != 1:
+            raise ValidationError(where, f"got {value!r}, expected a single {kind}, not an array.")
+        out = float(q.reshape(()) if hasattr(q, "reshape") else q)
+    elif isinstance(value, (int, float)):
+        try:
+            out = float(value)
+        except OverflowError:
+            out = math.inf
     elif isinstance(value, str):
         m = _PATTERN.match(value)
         if m is None:
@@ -65,22 +82,25 @@ def _convert(value, where, table, kind, si_name):
                 out = float(value)
             except ValueError:
                 raise ValidationError(where, f"could not read {value!r} as a {kind}.",
-                                      f"write a number with a unit, e.g. "
-                                      f"{'10 ms' if kind == 'time' else '5 Hz'}.") from None
+                                      f"write a number with a unit, e.g. {example!r}.") from None
         else:
             unit = m.group(2)
-            factor = table.get(unit, table.get(unit.lower()))
+            factor = table.get(unit)
             if factor is None:
                 raise ValidationError(
-                    where, f"unknown or wrong-dimension unit {unit!r} in {value!r}; expected a {kind} "
-                    f"unit, one of {sorted(set(table))}.")
+                    where, f"unknown or wrong-dimension unit {unit!r} in {value!r}; expected a "
+                    f"{kind} unit (case-sensitive), one of {sorted(table)}.",
+                    f"e.g. {example!r}.")
             out = float(m.group(1)) * factor
     else:
-        try:  # numpy scalars
+        try:  # numpy scalars and 0-d arrays
+            if getattr(value, "ndim", 0) != 0:
+                raise TypeError("not a scalar")
             out = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValidationError(where, f"got {type(value).__name__} {value!r}, expected a {kind} "
-                                  "(float in SI units, brian2 quantity, or string like '10 ms').") from None
+                                  f"(float in SI units, brian2 quantity, or string like "
+                                  f"{example!r}).") from None
     if not math.isfinite(out):
         raise ValidationError(where, f"got {value!r}, expected a finite {kind}.")
     return out
