@@ -3,5 +3,6 @@
 from .pepita import PepitaNetwork, build_pepita_network
 from . import crosscheck  # noqa: F401  (registers the "crosscheck" scenario model)
 from . import teacher_student  # noqa: F401  (registers the "teacher_student" scenario model)
+from . import forward_forward  # noqa: F401  (registers the "ff" scenario model)
 
 __all__ = ["PepitaNetwork", "build_pepita_network"]

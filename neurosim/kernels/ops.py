@@ -108,16 +108,37 @@ def all_finite(a):
 
 
 @njit(cache=True)
-def rms_normalized_f(out, x, base):
-    """``out[b] = f(x[b]) / (RMS_EPS + sqrt(mean_j f(x[b, j])^2))`` (may alias x)."""
-    eps = np.float32(RMS_EPS)
-    n = x.shape[1]
-    for b in range(x.shape[0]):
-        acc = np.float32(0.0)
-        for j in range(n):
+def _row_f_sumsq(out, x, b, base):
+    """``out[b] = f(x[b])`` with the element-wise transfer ``base``; returns sum f^2 (float32,
+    in order). Specialised loops for ReLU and identity."""
+    acc = np.float32(0.0)
+    if base == RELU:
+        for j in range(x.shape[1]):
+            v = x[b, j]
+            v = np.float32(0.0) if v <= 0.0 else v  # NaN stays NaN
+            out[b, j] = v
+            acc += v * v
+    elif base == IDENTITY:
+        for j in range(x.shape[1]):
+            v = x[b, j]
+            out[b, j] = v
+            acc += v * v
+    else:
+        for j in range(x.shape[1]):
             v = _f(base, x[b, j])
             out[b, j] = v
             acc += v * v
+    return acc
+
+
+@njit(cache=True)
+def rms_normalized_f(out, x, base):
+    """``out[b] = f(x[b]) / (RMS_EPS + sqrt(mean_j f(x[b, j])^2))`` with the element-wise
+    transfer ``base``; ``out`` may be ``x``."""
+    n = x.shape[1]
+    eps = np.float32(RMS_EPS)
+    for b in range(x.shape[0]):
+        acc = _row_f_sumsq(out, x, b, base)
         inv = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / n)))
         for j in range(n):
             out[b, j] *= inv
@@ -211,12 +232,22 @@ def euler(r, drive, code, mask, use_mask, alpha, tmp):
         eps = np.float32(RMS_EPS)
         for b in range(r.shape[0]):
             acc = np.float32(0.0)
-            for j in range(n):
-                v = _f(base, drive[b, j])
-                acc += v * v
+            if base == RELU:
+                for j in range(n):
+                    v = drive[b, j]
+                    if not v <= 0.0:  # NaN included: it must reach the rate
+                        acc += v * v
+            else:
+                for j in range(n):
+                    v = _f(base, drive[b, j])
+                    acc += v * v
             inv = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / n)))
             for j in range(n):
-                target = _f(base, drive[b, j]) * inv
+                if base == RELU:
+                    v = drive[b, j]
+                    target = np.float32(0.0) if v <= 0.0 else v * inv
+                else:
+                    target = _f(base, drive[b, j]) * inv
                 if use_mask:
                     target *= mask[b, j]
                 r[b, j] += a * (target - r[b, j])

@@ -4,5 +4,9 @@ from .base import PlasticityRule, builder_for, register_builder
 from .optim import SGD
 from .feedback_alignment import AFA, BP, DFA, FA
 from .pepita import CONVENTIONS, PEPITA
+from .contrastive import Contrastive, NormalizedPopulation, PepitaHebbian
+from .forward_forward import ForwardForward, Goodness, SoftmaxReadout
 
-__all__ = ["PlasticityRule", "register_builder", "builder_for", "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA"]
+__all__ = ["PlasticityRule", "register_builder", "builder_for", "SGD", "PEPITA", "CONVENTIONS",
+           "BP", "FA", "DFA", "AFA", "Contrastive", "NormalizedPopulation", "PepitaHebbian",
+           "ForwardForward", "Goodness", "SoftmaxReadout"]
