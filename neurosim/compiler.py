@@ -460,7 +460,8 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                             style += 2
                         pb.emit(K.SGD, (pb.weight(name), v, pb._index[f"{name}.dW"], style),
                                 (optimizer.lr * optimizer.scale_of(name), optimizer.momentum,
-                                 optimizer.weight_decay, optimizer.max_weight),
+                                 optimizer.weight_decay, optimizer.max_weight,
+                                 optimizer.scale_of(name)),
                                 ("lr", f"projection {name!r}"))
         if kind == "train":
             _emit_monitors(pb, prb, monitors, time_mode)
@@ -514,6 +515,7 @@ def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
     fv[1] = optimizer.momentum
     iv[6] = 1
     fv[2] = optimizer.lr * optimizer.scale_of(name) if optimizer.style == "reference" else 1.0
+    fv[3] = optimizer.scale_of(name)  # set_lr keeps the per-projection scale
     w = prb.sections[sec][k][2]
     prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
     return True

@@ -218,10 +218,11 @@ class Simulator:
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every optimizer step (and of fused momentum GEMMs)."""
-        for i in self.plan.train.lr_slots:
-            self.plan.train.fprm[i, 0] = lr
-        for i in self.plan.train.lr2_slots:
-            self.plan.train.fprm[i, 2] = lr
+        f = self.plan.train.fprm
+        for i in self.plan.train.lr_slots:      # SGD steps: column 4 holds SGD.lr_scale
+            f[i, 0] = lr * f[i, 4]
+        for i in self.plan.train.lr2_slots:     # fused GEMMs: column 3 holds the scale
+            f[i, 2] = lr * f[i, 3]
 
     def train(self, X, Y=None, order=None, *, T=None, chunk: int = 64, progress=None) -> int:
         """Train on the minibatches ``order`` (default: all rows in order) of the data.
