@@ -27,3 +27,9 @@ __all__ = [
     "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",
     "NeurosimWarning", "__version__",
 ]
+
+from .plasticity import NormalizedPEPITA, PEPITATimeLocal, WeightMirroring  # noqa: E402
+from .diagnostics import GradientAlignment, PepitaAfaAngle  # noqa: E402
+
+__all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "GradientAlignment",
+            "PepitaAfaAngle"]

@@ -34,7 +34,7 @@ def slowness_fit(epochs, test_acc, *, n_classes: int = 10, before=None) -> dict 
     acc = np.asarray(test_acc, np.float64)
     keep = np.isfinite(acc)
     if before is not None:
-        keep &= ep < before
+        keep &= ep <= before
     ep, acc = np.concatenate([[0.0], ep[keep]]), np.concatenate([[1.0 / n_classes], acc[keep]])
     if len(ep) < 3:
         return None

@@ -367,6 +367,7 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                               "pass optimizer=SGD(lr=...).")
     _validate_references(circuit, protocol)
     pb = PlanBuilder(circuit, protocol, batch, int(seed))
+    pb.optimizer = optimizer  # rules that emit their own optimizer steps read it
     phases = protocol.phases
     time_mode = protocol.mode == "time"
     errors = [p for p in circuit.populations.values() if isinstance(p, ErrorPopulation)]

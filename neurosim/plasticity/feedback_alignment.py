@@ -66,7 +66,7 @@ class FA(_Chain):
 @dataclass(frozen=True)
 class DFA(_Chain):
     """Direct feedback alignment: the output error reaches each hidden layer through a fixed
-    random matrix D_l; default D_l ~ U(+-sqrt(6 / n_out))."""
+    random matrix D_l (n_out x n_l); default He-uniform on that shape, U(+-sqrt(6 / n_l))."""
 
     feedback_init: object = None
     name: str = "dfa"
