@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from neurosim import (AFA, BP, CONVENTIONS, DFA, FA, Circuit, FanInUniform, HeUniform, Phase,
+from .layers import layered_classifier
+from neurosim import (AFA, BP, CONVENTIONS, DFA, FA, Circuit, FanInUniform, Phase,
                       Protocol, ValidationError)
 
 RULES = {"bp": BP, "fa": FA, "dfa": DFA, "afa": AFA}
@@ -68,19 +69,8 @@ def build_feedforward_network(sizes=(784, 1024, 10), rule="bp", *, dropout=0.1, 
         raise ValidationError("build_feedforward_network.convention", f"got {convention!r}, "
                               f"expected one of {sorted(CONVENTIONS)}.")
     t = tau if mode == "time" else 0.0
-    c = Circuit(f"{rule}-{'-'.join(map(str, sizes))}")
-    c.population("input", sizes[0], transfer="identity")
-    names = ["input"]
-    for i, h in enumerate(sizes[1:-1], start=1):
-        names.append(f"hidden{i}" if len(sizes) > 3 else "hidden")
-        c.population(names[-1], h, tau=t, transfer=hidden, dropout=dropout)
-    c.population("output", sizes[-1], tau=t, transfer="softmax")
-    names.append("output")
-    c.error("error", "output", target="t")
-    layers = []
-    for i, (pre, post) in enumerate(zip(names[:-1], names[1:]), start=1):
-        layers.append(f"W{i}")
-        c.project(pre, post, name=f"W{i}", init=HeUniform())
+    c, layers = layered_classifier(f"{rule}-{'-'.join(map(str, sizes))}", sizes,
+                                   hidden=hidden, dropout=dropout, tau=t)
     fb = None
     if with_feedback is None:
         with_feedback = rule == "afa"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from neurosim import (CONVENTIONS, PEPITA, Circuit, FanInUniform, HeUniform, Phase, Protocol,
+from .layers import layered_classifier
+from neurosim import (CONVENTIONS, PEPITA, Circuit, FanInUniform, Phase, Protocol,
                       ValidationError)
 
 
@@ -53,19 +54,8 @@ def build_pepita_network(sizes=(784, 1024, 10), *, convention="icml2022", f_scal
                               f"one of {sorted(CONVENTIONS)}.")
     sign = CONVENTIONS[convention]["sign"]
     t = tau if mode == "time" else 0.0
-    c = Circuit(f"pepita-{'-'.join(map(str, sizes))}")
-    c.population("input", sizes[0], transfer="identity")
-    names = ["input"]
-    for i, h in enumerate(sizes[1:-1], start=1):
-        names.append(f"hidden{i}" if len(sizes) > 3 else "hidden")
-        c.population(names[-1], h, tau=t, transfer=hidden, dropout=dropout)
-    c.population("output", sizes[-1], tau=t, transfer="softmax")
-    names.append("output")
-    c.error("error", "output", target="t")
-    layers = []
-    for i, (pre, post) in enumerate(zip(names[:-1], names[1:]), start=1):
-        layers.append(f"W{i}")
-        c.project(pre, post, name=f"W{i}", init=HeUniform())
+    c, layers = layered_classifier(f"pepita-{'-'.join(map(str, sizes))}", sizes,
+                                   hidden=hidden, dropout=dropout, tau=t)
     c.feedback("error@clean", "input", name="F", init=FanInUniform(f_scale, fan=sizes[0]),
                gain=sign, phases=("modulated",))
     kw = dict(duration=phase_duration) if mode == "time" else {}
