@@ -521,12 +521,9 @@ def theory(inst: Instance, rule: str, *, eta: float, eta_v: float | None = None,
                         train_v=train_v, dt=dt, method=method, **kw)
 
 
-def pepita_E(Q, R, T, v, v_star, sigma: float = 0.0) -> np.ndarray:
-    r""":math:`E_k=\mathbb E[g'(\lambda_k)\Delta^2]` (spec §4.5), batched over leading axes.
-
-    :math:`E_k=\sum_{cd}a_ca_dJ_3(k,c,d)+\sigma^2J_1(k)` with :math:`a=(-v,v^*)`. It sets the
-    rate :math:`\eta\Phi E_k` at which PEPITA's presynaptic term amplifies b (spec §5).
-    """
+def _fields(Q, R, T, v, v_star):
+    """Joint covariance C of (lambda_1..K, nu_1..M), broadcast over leading axes, the weights
+    a = (-v, v*) with Delta = sum_c a_c g(u_c) + noise, K and P = K + M."""
     Q, R, T = (np.asarray(a, float) for a in (Q, R, T))
     v, v_star = np.asarray(v, float), np.asarray(v_star, float)
     K, M = v.shape[-1], v_star.shape[-1]
@@ -540,6 +537,16 @@ def pepita_E(Q, R, T, v, v_star, sigma: float = 0.0) -> np.ndarray:
                         np.concatenate([np.swapaxes(R, -1, -2), T], -1)], -2)
     a = np.concatenate([-v, vs], -1)
     P = K + M
+    return C, a, K, P
+
+
+def pepita_E(Q, R, T, v, v_star, sigma: float = 0.0) -> np.ndarray:
+    r""":math:`E_k=\mathbb E[g'(\lambda_k)\Delta^2]` (spec §4.5), batched over leading axes.
+
+    :math:`E_k=\sum_{cd}a_ca_dJ_3(k,c,d)+\sigma^2J_1(k)` with :math:`a=(-v,v^*)`. It sets the
+    rate :math:`\eta\Phi E_k` at which PEPITA's presynaptic term amplifies b (spec §5).
+    """
+    C, a, K, P = _fields(Q, R, T, v, v_star)
     k, c, d = np.meshgrid(np.arange(K), np.arange(P), np.arange(P), indexing="ij")
     idx = np.stack([k, c, d], -1)                                  # (K, P, P, 3)
     blocks = C[..., idx[..., :, None], idx[..., None, :]]          # (..., K, P, P, 3, 3)
@@ -568,19 +575,7 @@ def afa_E2(Q, R, T, v, v_star, sigma: float = 0.0) -> np.ndarray:
 
     :math:`\sum_{cd}a_ca_dI_4(k,k,c,d)+\sigma^2J_2(k,k)` with :math:`a=(-v,v^*)`.
     """
-    Q, R, T = (np.asarray(a, float) for a in (Q, R, T))
-    v, v_star = np.asarray(v, float), np.asarray(v_star, float)
-    K, M = v.shape[-1], v_star.shape[-1]
-    lead = np.broadcast_shapes(Q.shape[:-2], R.shape[:-2], v.shape[:-1])
-    Q = np.broadcast_to(Q, lead + (K, K))
-    R = np.broadcast_to(R, lead + (K, M))
-    T = np.broadcast_to(T, lead + (M, M))
-    v = np.broadcast_to(v, lead + (K,))
-    vs = np.broadcast_to(v_star, lead + (M,))
-    C = np.concatenate([np.concatenate([Q, R], -1),
-                        np.concatenate([np.swapaxes(R, -1, -2), T], -1)], -2)
-    a = np.concatenate([-v, vs], -1)
-    P = K + M
+    C, a, K, P = _fields(Q, R, T, v, v_star)
     k, c, d = np.meshgrid(np.arange(K), np.arange(P), np.arange(P), indexing="ij")
     idx = np.stack([k, k, c, d], -1)                               # (K, P, P, 4)
     blocks = C[..., idx[..., :, None], idx[..., None, :]]          # (..., K, P, P, 4, 4)
