@@ -45,3 +45,23 @@ def data_20_5():
 def data_6_3():
     """16 samples, 6 inputs, 3 classes: for time-mode runs with many steps."""
     return make_data(16, 6, 3, seed=2)
+
+
+# -- numpy reference helpers shared by the rule tests (independent of the engine) ----------------
+def relu(a):
+    return np.maximum(a, 0.0)
+
+
+def softmax(a):
+    z = a - a.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def engine_masks(sim, net, nb):
+    """The dropout masks the engine drew for the last trial, one per hidden layer (1.0 without
+    dropout), as float64 for the references."""
+    hidden = [n for n in net.circuit.populations if n.startswith("hidden")]
+    if net.circuit.populations[hidden[0]].dropout == 0:
+        return [1.0] * len(hidden)
+    return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_data
+from conftest import make_data, relu as _relu, softmax as _softmax, engine_masks as _masks
 from neurosim import SGD, Simulator, ValidationError, compile_plan
 from neurosim.analysis import angle_deg
 from neurosim.diagnostics import GradientAlignment, PepitaAfaAngle, pepita_afa_cosine
@@ -21,16 +21,6 @@ from neurosim.models import build_pepita_network
 from neurosim.models.feedforward import build_feedforward_network
 
 BATCH = 8
-
-
-def _relu(a):
-    return np.maximum(a, 0.0)
-
-
-def _softmax(a):
-    z = a - a.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _fwd(W, x, masks):
@@ -53,13 +43,6 @@ def _bp(W, x, t, masks):
         delta = (delta @ W[l + 1]) * (acts[l] > 0) * masks[l]
         g[l] = delta.T @ hs[l]
     return g
-
-
-def _masks(sim, net, nb):
-    hidden = [n for n in net.circuit.populations if n.startswith("hidden")]
-    if net.circuit.populations[hidden[0]].dropout == 0:
-        return [1.0] * len(hidden)
-    return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
 
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "afa"])

@@ -23,22 +23,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_data
+from conftest import make_data, relu as _relu, softmax as _softmax
 from neurosim import BP, SGD, Simulator, compile_plan
 from neurosim.models.feedforward import build_feedforward_network
 
 RTOL = 2e-5
 BATCH = 8
-
-
-def _relu(a):
-    return np.maximum(a, 0.0)
-
-
-def _softmax(a):
-    z = a - a.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _forward(W, x, masks):

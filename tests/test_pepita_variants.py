@@ -26,7 +26,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import make_data
+from conftest import make_data, relu as _relu, softmax as _softmax, engine_masks as _masks
 from neurosim import SGD, Monitor, Simulator, compile_plan
 from neurosim.analysis import slowness_fit
 from neurosim.kernels.rng import uniform01_reference
@@ -37,23 +37,6 @@ from neurosim.plasticity.pepita_variants import (NormalizedPEPITA, PEPITATimeLoc
 from neurosim.rng import component_key
 
 BATCH = 8
-
-
-def _relu(a):
-    return np.maximum(a, 0.0)
-
-
-def _softmax(a):
-    z = a - a.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _masks(sim, net, nb):
-    hidden = [n for n in net.circuit.populations if n.startswith("hidden")]
-    if net.circuit.populations[hidden[0]].dropout == 0:
-        return [1.0] * len(hidden)
-    return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
 
 
 def _weights(sim, net):

@@ -132,11 +132,11 @@ def _row_f_sumsq(out, x, b, base):
 
 
 @njit(cache=True)
-def rms_normalized_f(out, x, base):
-    """``out[b] = f(x[b]) / (RMS_EPS + sqrt(mean_j f(x[b, j])^2))`` with the element-wise
+def rms_normalized_f(out, x, base, eps=RMS_EPS):
+    """``out[b] = f(x[b]) / (eps + sqrt(mean_j f(x[b, j])^2))`` with the element-wise
     transfer ``base``; ``out`` may be ``x``."""
     n = x.shape[1]
-    eps = np.float32(RMS_EPS)
+    eps = np.float32(eps)
     for b in range(x.shape[0]):
         acc = _row_f_sumsq(out, x, b, base)
         inv = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / n)))
@@ -603,16 +603,8 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                                 dst[b, c] *= f
                     elif op == ROW_NORMALIZE:
                         # dst[b] = src[b] / (eps + sqrt(mean_j src[b, j]^2))   (unit RMS)
-                        dst = _view(mem, bufs, a, nb)
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        eps = np.float32(fprm[i, 0])
-                        for b in range(src.shape[0]):
-                            acc = np.float32(0.0)
-                            for c in range(src.shape[1]):
-                                acc += src[b, c] * src[b, c]
-                            f = np.float32(1.0) / (eps + np.float32(math.sqrt(acc / src.shape[1])))
-                            for c in range(src.shape[1]):
-                                dst[b, c] = src[b, c] * f
+                        rms_normalized_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                         IDENTITY, fprm[i, 0])
                     elif op == AFFINE:
                         # dst = s * dst + c
                         dst = _view(mem, bufs, a, nb)
