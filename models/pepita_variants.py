@@ -7,6 +7,8 @@
   WeightMirroring`): F = B_1 ... B_L with factor projections ``B1`` .. ``BL`` in the circuit
   (inactive in every phase; ``angle:B1`` monitors the angle between B_1 and W_1^T,
   ``angle:F`` the angle between F and (W_L ... W_1)^T);
+* ``pepita_hebbian`` the Hebbian form (:class:`~neurosim.plasticity.contrastive.PepitaHebbian`):
+  ``h_l h_{l-1}^T - h~_l h~_{l-1}^T``, the two-phase contrastive rule Forward-Forward also is;
 * ``pepita_tl``    time-local PEPITA (:class:`~neurosim.plasticity.pepita_variants.
   PEPITATimeLocal`), SGD steps at the ends of the two passes.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 
 from neurosim import SGD, Normal, ValidationError
+from neurosim.plasticity.contrastive import PepitaHebbian
 from neurosim.plasticity.pepita_variants import (NormalizedPEPITA, PEPITATimeLocal,
                                                  WeightMirroring)
 
@@ -124,12 +127,18 @@ def _build_tl(s):
     return net.circuit, net.protocol, [rule], "output"
 
 
+def _build_hebbian(s):
+    net = build_pepita_network(tuple(s["model"]["sizes"]), **_common(s))
+    return net.circuit, net.protocol, [PepitaHebbian()], "output"
+
+
 def _register():
     from neurosim.scenario import register_model
 
     register_model("pepita_norm", NORM_SCHEMA, _build_norm)
     register_model("pepita_wm", WM_SCHEMA, _build_wm)
     register_model("pepita_tl", PEPITA_SCHEMA, _build_tl)
+    register_model("pepita_hebbian", PEPITA_SCHEMA, _build_hebbian)
 
 
 _register()

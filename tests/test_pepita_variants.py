@@ -319,7 +319,7 @@ def test_weight_mirroring_validation():
 # ---- scenario models and slowness -------------------------------------------------------------
 @pytest.mark.parametrize("model,extra", [("pepita_norm", {"norm": "batch"}),
                                          ("pepita_wm", {"premirror_epochs": 1, "wm_period": 2}),
-                                         ("pepita_tl", {})])
+                                         ("pepita_tl", {}), ("pepita_hebbian", {})])
 def test_variant_scenarios_compile(model, extra):
     from neurosim import scenario as sc
     from neurosim.training import make_simulator
@@ -330,6 +330,30 @@ def test_variant_scenarios_compile(model, extra):
     X, Y = make_data(16, 12, 4, seed=0)
     sim.train(X, Y)
     assert np.isfinite(sim.weights["W1"]).all()
+
+
+def test_pepita_hebbian_scenario_model_is_the_contrastive_rule():
+    """The ``pepita_hebbian`` scenario model trains exactly as ``PepitaHebbian`` compiled by hand
+    on the same PEPITA circuit (same seed: same W, F, dropout masks): identical weights."""
+    from neurosim import scenario as sc
+    from neurosim.plasticity import PepitaHebbian
+    from neurosim.training import make_simulator
+
+    raw = {"model": {"name": "pepita_hebbian", "sizes": [12, 9, 4]},
+           "data": {"train_limit": 100}, "training": {"batch_size": 8, "seed": 3}}
+    settings = sc.validate(raw)
+    sim = make_simulator(settings)
+    net = build_pepita_network((12, 9, 4))
+    plan = compile_plan(net.circuit, net.protocol, rules=[PepitaHebbian()],
+                        optimizer=SGD(lr=0.1, momentum=0.9), batch=8, seed=3)
+    ref = Simulator(plan)
+    X, Y = make_data(16, 12, 4, seed=0)
+    w0 = sim.weights["W1"].copy()
+    sim.train(X, Y)
+    ref.train(X, Y)
+    for w in ("W1", "W2"):
+        np.testing.assert_array_equal(sim.weights[w], ref.weights[w])
+    assert np.abs(sim.weights["W1"] - w0).max() > 0
 
 
 def test_slowness_fit_recovers_rate():
