@@ -7,6 +7,9 @@ population or projection.
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
@@ -45,8 +48,10 @@ class Simulator:
     ----------
     plan : Plan
     threads : int
-        BLAS threads used inside the kernels (default 1: deterministic and fair on shared
-        machines).
+        Threads used inside the kernels (default 1: fair on shared machines): BLAS threads for
+        the matrix products and row blocks for the large element-wise operations. Results do not
+        depend on it beyond the BLAS's own summation order (element-wise work is split by rows
+        and computes every element exactly as one thread does).
     """
 
     def __init__(self, plan: Plan, threads: int = 1):
@@ -57,6 +62,8 @@ class Simulator:
             raise ValidationError("Simulator.threads", f"got {threads!r}, expected an int >= 1.")
         self.plan = plan
         self.threads = threads
+        # numba's pool cannot exceed NUMBA_NUM_THREADS (the CPU count by default)
+        self._nthreads = min(threads, numba.config.NUMBA_NUM_THREADS)
         self._initial = plan.mem.copy()
         self._ws_i = np.zeros(8, np.int32)
         self._ws_f = np.zeros(2, np.float32)
@@ -186,11 +193,11 @@ class Simulator:
         rec = np.zeros(max(voff, 1), np.float32)
         stamps = np.zeros(max(soff, 1), np.int64)
         cnt = np.zeros(max(len(meta), 1), np.int64)
-        with _controller().limit(limits=self.threads, user_api="blas"):
+        with self._threads():
             status = K.run_trials(plan.mem, plan.bufs, program.prog, program.fprm, blocks, X, Y,
                                   T, order, start, n_trials, plan.batch, self.trial, step0,
                                   plan.keys, rec, stamps, rec_meta, cnt, self._info, self._ws_i,
-                                  self._ws_f)
+                                  self._ws_f, self._nthreads)
         for m, md in enumerate(meta):
             k = int(cnt[m])
             if k:
@@ -269,13 +276,21 @@ class Simulator:
         T = self._targets(None, X, "Simulator.predict")
         vals = (np.zeros((len(order), plan.circuit.populations[plan.output].size), np.float32)
                 if values else self._empty_v)
-        with _controller().limit(limits=self.threads, user_api="blas"):
+        with self._threads():
             status = K.predict(plan.mem, plan.bufs, plan.infer.prog, plan.infer.fprm,
                                plan.infer.blocks, X, Y, T, order, plan.batch, plan.keys, out_buf,
-                               pred, vals, self._info, self._ws_i, self._ws_f)
+                               pred, vals, self._info, self._ws_i, self._ws_f, self._nthreads)
         if status != K.OK:
             self._raise(plan.infer, status)
         return vals if values else pred
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """BLAS limited to ``threads`` and numba's pool sized for the element-wise blocks."""
+        with _controller().limit(limits=self.threads, user_api="blas"):
+            if self._nthreads > 1:
+                numba.set_num_threads(self._nthreads)
+            yield
 
     def evaluate(self, X, Y) -> float:
         """Classification accuracy in [0, 1]."""

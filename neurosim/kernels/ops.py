@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .blas import gemm_rm
 from .rng import uniform01
@@ -270,14 +270,15 @@ def deriv_mul(dst, drive, code):
 
 
 @njit(cache=True)
-def dropout_mask(mask, keep, key, trial, batch):
+def dropout_mask(mask, keep, key, trial, batch, row0=0):
     """Inverted-dropout mask: ``mask = Bernoulli(keep) / keep``, a pure function of
     (key, trial, row, unit): counter ``trial * batch * n + row * n + unit`` with ``batch`` the
     plan's (maximum) minibatch size, so both passes of a trial, any chunking and a short last
-    minibatch all see their own, reproducible mask."""
+    minibatch all see their own, reproducible mask. ``mask`` may be rows ``row0..`` of the
+    minibatch's mask (the parallel path fills row blocks)."""
     nb, n = mask.shape
     inv = np.float32(1.0 / keep)
-    base = np.uint64(trial) * np.uint64(batch * n)
+    base = np.uint64(trial) * np.uint64(batch * n) + np.uint64(row0 * n)
     for b in range(nb):
         for j in range(n):
             u = uniform01(key, base + np.uint64(b * n + j))
@@ -329,6 +330,84 @@ def sgd_step(W, V, dW, lr, momentum, wd, style, nb, limit):
             elif abs(w) > lim and status == OK:
                 status = WEIGHT_RUNAWAY
     return status
+
+
+# ---- multithreaded element-wise operations ----------------------------------------------------
+# With ``Simulator(threads=n > 1)`` the large element-wise operations run on n row blocks in
+# parallel (numba prange). Each block calls the serial function above on a row slice, so the
+# arithmetic, and hence every result, is the same as with one thread: element-wise work has no
+# reductions across rows to reorder. Below PAR_MIN elements the fork/join costs more than it saves.
+PAR_MIN = 16384
+
+
+@njit(cache=True, inline="always")
+def _rows(rows, c, n):
+    return c * rows // n, (c + 1) * rows // n
+
+
+@njit(cache=True, parallel=True)
+def sgd_step_par(W, V, dW, lr, momentum, wd, style, nb, limit, nthreads):
+    """:func:`sgd_step` on ``nthreads`` row blocks in parallel; the same status (a non-finite
+    weight outranks a runaway one)."""
+    st = np.zeros(nthreads, np.int64)
+    fused = style >= 2
+    for c in prange(nthreads):
+        i0, i1 = _rows(W.shape[0], c, nthreads)
+        if fused:   # dW is not read (and may be a placeholder)
+            st[c] = sgd_step(W[i0:i1], V[i0:i1], dW, lr, momentum, wd, style, nb, limit)
+        else:
+            st[c] = sgd_step(W[i0:i1], V[i0:i1], dW[i0:i1], lr, momentum, wd, style, nb, limit)
+    out = OK
+    for c in range(nthreads):
+        if st[c] == NONFINITE_WEIGHT:
+            return NONFINITE_WEIGHT
+        if st[c] == WEIGHT_RUNAWAY:
+            out = WEIGHT_RUNAWAY
+    return out
+
+
+@njit(cache=True, parallel=True)
+def transfer_par(r, drive, code, mask, use_mask, nthreads):
+    """:func:`transfer` on ``nthreads`` row blocks (every code is row-wise)."""
+    ok = np.zeros(nthreads, np.bool_)
+    for c in prange(nthreads):
+        i0, i1 = _rows(r.shape[0], c, nthreads)
+        ok[c] = transfer(r[i0:i1], drive[i0:i1], code, mask[i0:i1] if use_mask else mask,
+                         use_mask)
+    return ok.all()
+
+
+@njit(cache=True, parallel=True)
+def euler_par(r, drive, code, mask, use_mask, alpha, tmp, nthreads):
+    """:func:`euler` on ``nthreads`` row blocks."""
+    ok = np.zeros(nthreads, np.bool_)
+    for c in prange(nthreads):
+        i0, i1 = _rows(r.shape[0], c, nthreads)
+        ok[c] = euler(r[i0:i1], drive[i0:i1], code, mask[i0:i1] if use_mask else mask,
+                      use_mask, alpha, tmp[i0:i1] if code == SOFTMAX else tmp)
+    return ok.all()
+
+
+@njit(cache=True, parallel=True)
+def dropout_mask_par(mask, keep, key, trial, batch, nthreads):
+    """:func:`dropout_mask` on ``nthreads`` row blocks (same counters, same mask)."""
+    for c in prange(nthreads):
+        i0, i1 = _rows(mask.shape[0], c, nthreads)
+        dropout_mask(mask[i0:i1], keep, key, trial, batch, i0)
+
+
+@njit(cache=True, parallel=True)
+def deriv_mul_par(dst, drive, code, nthreads):
+    """:func:`deriv_mul` on ``nthreads`` row blocks."""
+    for c in prange(nthreads):
+        i0, i1 = _rows(dst.shape[0], c, nthreads)
+        deriv_mul(dst[i0:i1], drive[i0:i1], code)
+
+
+@njit(cache=True, inline="always")
+def _par(a, nthreads):
+    """Whether an operation on ``a`` is worth splitting over ``nthreads`` threads."""
+    return nthreads > 1 and a.shape[0] >= nthreads and a.size >= PAR_MIN
 
 
 @njit(cache=True, inline="always")
@@ -390,13 +469,15 @@ def angle_deg(a, b, transpose_b):
 
 @njit(cache=True)
 def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, batch, trial0,
-               step0, keys, rec, stamps, rec_meta, rec_cnt, info, ws_i, ws_f):
+               step0, keys, rec, stamps, rec_meta, rec_cnt, info, ws_i, ws_f, nthreads=1):
     """Execute the program's blocks for ``n_trials`` consecutive minibatches.
 
     ``blocks`` rows are (first instruction, end instruction, repeat, phase index, is-loop); each
     repeat of a loop block is one time step (the step counter feeds monitors). Minibatch ``j`` takes rows
     ``order[start + j*batch : ...]`` of X (inputs), Y (int labels) and T (float targets); the
-    last minibatch may be short. Returns a status; on
+    last minibatch may be short. ``nthreads > 1`` splits the large element-wise operations
+    (transfer, Euler step, dropout mask, derivative, optimizer step) into row blocks run in
+    parallel, with results identical to one thread. Returns a status; on
     failure ``info`` holds (instruction, step within phase, trial, block).
     """
     n_order = order.shape[0]
@@ -431,11 +512,19 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         d = _view(mem, bufs, prog[i, 2], nb)
                         use_mask = prog[i, 4] >= 0
                         mk = _view(mem, bufs, prog[i, 4], nb) if use_mask else d
+                        par = _par(r, nthreads)
                         if op == TRANSFER:
-                            ok = transfer(r, d, prog[i, 3], mk, use_mask)
+                            if par:
+                                ok = transfer_par(r, d, prog[i, 3], mk, use_mask, nthreads)
+                            else:
+                                ok = transfer(r, d, prog[i, 3], mk, use_mask)
                         else:
-                            ok = euler(r, d, prog[i, 3], mk, use_mask, fprm[i, 0],
-                                       _view(mem, bufs, prog[i, 5], nb))
+                            tmp = _view(mem, bufs, prog[i, 5], nb)
+                            if par:
+                                ok = euler_par(r, d, prog[i, 3], mk, use_mask, fprm[i, 0], tmp,
+                                               nthreads)
+                            else:
+                                ok = euler(r, d, prog[i, 3], mk, use_mask, fprm[i, 0], tmp)
                         if not ok:
                             info[0] = i
                             info[1] = rep
@@ -528,15 +617,29 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                             lab = Y[order[s0 + b]]
                             dst[b, 0] = np.float32(k if k < lab else k + 1)
                     elif op == MASK:
-                        dropout_mask(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]], trial,
-                                     batch)
+                        mk = _view(mem, bufs, a, nb)
+                        if _par(mk, nthreads):
+                            dropout_mask_par(mk, fprm[i, 0], keys[prog[i, 2]], trial, batch,
+                                             nthreads)
+                        else:
+                            dropout_mask(mk, fprm[i, 0], keys[prog[i, 2]], trial, batch)
                     elif op == DERIV:
-                        deriv_mul(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                  prog[i, 3])
+                        dst = _view(mem, bufs, a, nb)
+                        d = _view(mem, bufs, prog[i, 2], nb)
+                        if _par(dst, nthreads):
+                            deriv_mul_par(dst, d, prog[i, 3], nthreads)
+                        else:
+                            deriv_mul(dst, d, prog[i, 3])
                     elif op == SGD:
-                        st = sgd_step(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                      _view(mem, bufs, prog[i, 3], nb), fprm[i, 0], fprm[i, 1],
-                                      fprm[i, 2], prog[i, 4], nb, fprm[i, 3])
+                        W = _view(mem, bufs, a, nb)
+                        V = _view(mem, bufs, prog[i, 2], nb)
+                        dW = _view(mem, bufs, prog[i, 3], nb)
+                        if _par(W, nthreads):
+                            st = sgd_step_par(W, V, dW, fprm[i, 0], fprm[i, 1], fprm[i, 2],
+                                              prog[i, 4], nb, fprm[i, 3], nthreads)
+                        else:
+                            st = sgd_step(W, V, dW, fprm[i, 0], fprm[i, 1], fprm[i, 2],
+                                          prog[i, 4], nb, fprm[i, 3])
                         if st != OK:
                             info[0] = i
                             info[1] = rep
@@ -643,7 +746,7 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
 
 @njit(cache=True)
 def predict(mem, bufs, prog, fprm, blocks, X, Y, T, order, batch, keys, out_buf, pred, vals,
-            info, ws_i, ws_f):
+            info, ws_i, ws_f, nthreads=1):
     """Run the inference program over all of ``order`` and write argmax of ``out_buf`` rows to
     ``pred`` (and the rows themselves to ``vals`` if it has as many rows as ``order``).
     Returns a status (OK or NONFINITE_RATE)."""
@@ -655,7 +758,7 @@ def predict(mem, bufs, prog, fprm, blocks, X, Y, T, order, batch, keys, out_buf,
     cnt = np.zeros(1, np.int64)
     for j in range(n_trials):
         st = run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, j * batch, 1, batch, j, 0,
-                        keys, empty_f, empty_i, meta, cnt, info, ws_i, ws_f)
+                        keys, empty_f, empty_i, meta, cnt, info, ws_i, ws_f, nthreads)
         if st != OK:
             return st
         nb = min(batch, n - j * batch)
