@@ -123,7 +123,10 @@ def _build_tl(s):
     opt = SGD(lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
               style=tr["optimizer"], milestones=tuple(tr["milestones"]), gamma=tr["gamma"],
               max_weight=tr["max_weight"])
-    rule = PEPITATimeLocal(convention=net.rule.convention, feedback="F", optimizer=opt)
+    # the update is kept (which costs the fused step) only where a monitor compares it with BP
+    record = any(m["target"].startswith("grad_angle:") for m in s.get("monitor", ()))
+    rule = PEPITATimeLocal(convention=net.rule.convention, feedback="F", optimizer=opt,
+                           record_update=record)
     return net.circuit, net.protocol, [rule], "output"
 
 

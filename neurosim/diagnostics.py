@@ -62,6 +62,9 @@ def _update_buffer(pb, projection, where, update=None):
                                   "'<rule>.<projection>.update').")
         return pb._index[update]
     if projection not in pb.grads:
+        recorded = [k for k in pb._index if k.endswith(f".{projection}.update")]
+        if len(recorded) == 1:    # a rule that steps inside the phases and records its update
+            return pb._index[recorded[0]]
         raise ValidationError(f"{where}.projection", f"no rule writes an end-of-trial update of "
                               f"{projection!r} (updated: {list(pb.grads)}); for rules that step "
                               "inside the phases (PEPITA-TL) give update='<buffer>' (see "

@@ -229,10 +229,14 @@ def _check_monitors(mons: list) -> None:
     for i, m in enumerate(mons):
         where = f"monitor[{i}]"
         target = m["target"]
-        if not target or not ("." in target or target.startswith("angle:")):
+        if not target or not ("." in target or target.startswith(("angle:", "grad_angle:"))):
             raise ValidationError(f"{where}.target", f"got {target!r}, expected 'population.r', "
                                   "'population.drive', 'projection.norm', "
-                                  "'projection.update_norm' or 'angle:F'.")
+                                  "'projection.update_norm', 'angle:F' or 'grad_angle:W1'.")
+        if target.startswith("grad_angle:") and m["per"] == "step":
+            raise ValidationError(f"{where}.per", "got 'step'; grad_angle compares the rule's "
+                                  "update with the gradient once per trial.",
+                                  "leave per unset (or 'trial').")
         u = m["units"]
         if u is not None and (len(u) != 2 or not u[0] < u[1]):
             raise ValidationError(f"{where}.units", f"got {u!r}, expected [start, stop] with "

@@ -49,6 +49,7 @@ import numpy as np
 from . import scenario as sc
 from .compiler import compile_plan
 from .errors import SimulationError, ValidationError
+from .diagnostics import GradientAlignment
 from .monitors import Monitor
 from .plasticity.optim import SGD
 from .simulator import Simulator, shuffled_order
@@ -73,9 +74,15 @@ def make_simulator(settings: dict) -> Simulator:
     mons = []
     for i, m in enumerate(settings["monitor"]):
         try:
-            mons.append(Monitor(m["target"], phase=m["phase"], every=m["every"], per=m["per"],
-                                units=tuple(m["units"]) if m["units"] else None,
-                                sample=m["sample"], name=m["name"]))
+            if m["target"].startswith("grad_angle:"):
+                # the standard gradient-alignment diagnostic: angle of the rule's update of the
+                # projection with the exact BP gradient of the clean pass, once per `every` trials
+                mons.append(GradientAlignment(m["target"].split(":", 1)[1], every=m["every"],
+                                              phase=m["phase"] or "clean", name=m["name"]))
+            else:
+                mons.append(Monitor(m["target"], phase=m["phase"], every=m["every"],
+                                    per=m["per"], units=tuple(m["units"]) if m["units"] else None,
+                                    sample=m["sample"], name=m["name"]))
         except ValidationError as e:
             raise _monitor_error(e, i) from None
     _check_memory(circuit, protocol, tr["batch_size"])
@@ -83,8 +90,8 @@ def make_simulator(settings: dict) -> Simulator:
         plan = compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=mons,
                             batch=tr["batch_size"], seed=tr["seed"], output=output)
     except ValidationError as e:
-        if e.where.startswith("Monitor("):
-            hits = [k for k, m in enumerate(mons) if e.where.startswith(f"Monitor({m.target!r})")]
+        if e.where.startswith(("Monitor(", "GradientAlignment(")):
+            hits = [k for k, m in enumerate(mons) if e.where.startswith(_monitor_where(m))]
             if len(hits) > 1:  # several monitors of one target: find the one that fails alone
                 hits = [k for k in hits if _fails_alone(circuit, protocol, rules, opt, mons[k],
                                                         tr, output)] or hits
@@ -92,6 +99,13 @@ def make_simulator(settings: dict) -> Simulator:
                 raise _monitor_error(e, hits[0]) from None
         raise _scenario_error(e) from None
     return Simulator(plan, threads=tr["threads"])
+
+
+def _monitor_where(m) -> str:
+    """How a monitor's compile errors name it."""
+    if isinstance(m, GradientAlignment):
+        return f"GradientAlignment({m.projection!r})"
+    return f"Monitor({m.target!r})"
 
 
 def _fails_alone(circuit, protocol, rules, opt, mon, tr, output) -> bool:
