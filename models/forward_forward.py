@@ -3,7 +3,7 @@ and the scenario model ``"ff"``.
 
 Circuit (names used everywhere else)::
 
-    input (NormalizedPopulation, identity)  --W1-->  h1  --W2-->  h2  --W3-->  h3   (ReLU, RMS-normalised outputs)
+    input (normalize='rms', identity)         --W1-->  h1  --W2-->  h2  --W3-->  h3   (ReLU, RMS-normalised outputs)
     one (constant 1)                        --b1, b2, b3-->  h1, h2, h3               (learnable biases)
     h2, h3                                  --R2, R3-->  readout (softmax, local delta rule)
 
@@ -43,7 +43,7 @@ import numpy as np
 from neurosim import (SGD, Circuit, Monitor, Normal, Phase, Protocol, Simulator, ValidationError,
                       Zeros, compile_plan)
 from neurosim.kernels import ops as K
-from neurosim.plasticity import (ForwardForward, Goodness, NormalizedPopulation, SoftmaxReadout)
+from neurosim.plasticity import ForwardForward, Goodness, SoftmaxReadout
 
 HIDDEN = ("relu", "identity", "tanh", "sigmoid", "erf")
 
@@ -108,14 +108,14 @@ def build_ff_network(sizes=(784, 1000, 1000, 1000), *, n_classes=10, negatives="
     t = tau if mode == "time" else 0.0
     L = len(sizes) - 1
     c = Circuit(f"ff-{'-'.join(map(str, sizes))}")
-    c.add(NormalizedPopulation("input", sizes[0], transfer="identity"))
+    c.population("input", sizes[0], transfer="identity", normalize="rms")
     if bias:
         c.population("one", 1, transfer="identity", bias=1.0)
     layers, names, biases = [], [], []
     prev = "input"
     for i, n in enumerate(sizes[1:], start=1):
         h = f"h{i}"
-        c.add(NormalizedPopulation(h, n, tau=t, transfer=hidden))
+        c.population(h, n, tau=t, transfer=hidden, normalize="rms")
         c.project(prev, h, name=f"W{i}", init=Normal(std=1.0 / math.sqrt(sizes[i - 1])))
         names.append(f"W{i}")
         if bias:
@@ -387,14 +387,8 @@ def run(settings, out_dir, data_dir=None, resume=False, progress=True) -> dict:
         made.append(sim)
         return sim
 
-    # Workaround until training.run takes the model's simulator factory (see docs/rules.md).
-    original = training.make_simulator
-    training.make_simulator = factory
-    try:
-        summary = training.run(settings, out_dir, data_dir=data_dir, resume=resume,
-                               progress=progress)
-    finally:
-        training.make_simulator = original
+    summary = training.run(settings, out_dir, data_dir=data_dir, resume=resume,
+                           progress=progress, simulator_factory=factory)
     if made and made[-1].last_evaluation:
         ev = made[-1].last_evaluation
         summary["final_test_accuracy_goodness"] = ev["goodness"]
@@ -416,7 +410,7 @@ def _json_default(x):
 def _register():
     from neurosim.scenario import register_model
 
-    register_model("ff", FF_SCHEMA, _from_settings, runner=run)
+    register_model("ff", FF_SCHEMA, _from_settings, runner=run, simulator=make_ff_simulator)
 
 
 _register()

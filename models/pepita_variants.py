@@ -122,7 +122,8 @@ def _build_tl(s):
     tr = s["training"]
     opt = SGD(lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
               style=tr["optimizer"], milestones=tuple(tr["milestones"]), gamma=tr["gamma"],
-              max_weight=tr["max_weight"])
+              max_weight=tr["max_weight"], schedule=tr["schedule"], epochs=tr["epochs"],
+              decay_start=tr["decay_start"])
     # the update is kept (which costs the fused step) only where a monitor compares it with BP
     record = any(m["target"].startswith("grad_angle:") for m in s.get("monitor", ()))
     rule = PEPITATimeLocal(convention=net.rule.convention, feedback="F", optimizer=opt,

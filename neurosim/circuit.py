@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ValidationError
 from .init import AbstractInit, HeUniform, as_init
-from .kernels.ops import ERF, IDENTITY, RELU, SIGMOID, SOFTMAX, TANH
+from .kernels.ops import ERF, IDENTITY, RELU, RMS_NORM, SIGMOID, SOFTMAX, TANH
 from .params import check_choice, check_float, check_int, check_name
 from .units import to_seconds
 
@@ -46,6 +46,15 @@ class Population:
     dropout : float
         Drop probability during training trials (inverted dropout; one mask per trial shared by
         all its phases). 0 disables it.
+    normalize : None or ``"rms"``
+        ``"rms"``: the output is normalised per sample to unit root mean square,
+        ``r = f(drive) / (eps + sqrt(mean_j f(drive)_j^2))`` (steady state) or
+        ``tau dr/dt = -r + that`` (time mode), ``eps = 1e-8``
+        (:data:`neurosim.kernels.ops.RMS_EPS`); Forward-Forward's layers. Projections from it
+        transmit the normalised rate; the un-normalised activity ``f(drive)`` stays available
+        from the held drive. With dropout the mask multiplies the normalised rate. Not for
+        softmax; the derivative is not element-wise, so rules that need ``f'`` (BP, FA, DFA,
+        AFA) refuse such a population.
     """
 
     name: str
@@ -54,6 +63,7 @@ class Population:
     transfer: str = "identity"
     bias: object = None
     dropout: float = 0.0
+    normalize: str | None = None
 
     def __post_init__(self):
         check_name("Population", self.name)
@@ -65,6 +75,13 @@ class Population:
         if self.dropout and self.transfer == "softmax":
             raise ValidationError(f"{where}.dropout", "dropout on a softmax population is not "
                                   "supported (the output layer has no dropout).")
+        if self.normalize is not None:
+            check_choice(f"{where}.normalize", self.normalize, ("rms",))
+            if self.transfer == "softmax":
+                raise ValidationError(f"{where}.transfer", "softmax output is already "
+                                      "normalised; an RMS-normalised population needs an "
+                                      "element-wise transfer.", "use transfer='relu' or "
+                                      "'identity'.")
         if self.bias is not None:
             try:
                 b = np.asarray(self.bias, dtype=np.float32)
@@ -83,6 +100,12 @@ class Population:
 
     @property
     def code(self) -> int:
+        """Transfer code of the kernels (``RMS_NORM`` added for a normalised population)."""
+        return TRANSFERS[self.transfer] + (RMS_NORM if self.normalize else 0)
+
+    @property
+    def base_code(self) -> int:
+        """Transfer code of ``f`` alone."""
         return TRANSFERS[self.transfer]
 
 

@@ -76,14 +76,14 @@ def main(argv=None) -> int:
 
 def _validate(args) -> int:
     from . import scenario as sc
-    from .training import make_simulator
+    from .training import simulator_for
 
     settings = sc.load(args.scenario, args.overrides)
-    if sc.runner_for(settings) is not None:
+    if sc.runner_for(settings) is not None and sc.simulator_for(settings) is None:
         sc.build(settings)  # the model's own checks
         print(f"{args.scenario}: OK — model {settings['model']['name']!r}")
         return 0
-    sim = make_simulator(settings)
+    sim = simulator_for(settings)
     plan = sim.plan
     print(f"{args.scenario}: OK — model {settings['model']['name']!r}, "
           f"{len(plan.circuit.populations)} populations, {len(plan.circuit.projections)} "

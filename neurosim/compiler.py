@@ -240,6 +240,9 @@ class PlanBuilder:
         code = self.circuit.populations[pop].code
         if code == K.SOFTMAX:
             raise CompileError(f"the derivative of softmax ({pop!r}) is not element-wise")
+        if code >= K.RMS_NORM:
+            raise CompileError(f"the derivative of the RMS-normalised population {pop!r} is not "
+                               "element-wise")
         self._pb.emit(K.DERIV, (dst, drive, code), (), where)
 
     def emit(self, op, ints=(), floats=(), where=""):

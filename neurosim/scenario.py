@@ -26,18 +26,28 @@ else:  # pragma: no cover
 _MODELS: dict = {}
 
 
-def register_model(name: str, schema: dict, builder, runner=None):
+def register_model(name: str, schema: dict, builder, runner=None, simulator=None):
     """Register a model: ``schema`` lists its ``[model]`` keys as ``key: (kind, default)``;
-    ``builder(settings) -> (circuit, protocol, rules, output)``. A model whose runs are not
-    "train a classifier on a dataset" (e.g. the teacher-student setting) also gives
-    ``runner(settings, out_dir, data_dir=None, resume=False, progress=True) -> summary dict``,
-    which ``neurosim run`` then calls instead of the standard training loop."""
-    _MODELS[name] = (schema, builder, runner)
+    ``builder(settings) -> (circuit, protocol, rules, output)``.
+
+    ``simulator(settings) -> Simulator``: the model's own simulator factory, for models that
+    compile with their own optimizer or monitors or evaluate differently (Forward-Forward);
+    default :func:`neurosim.training.make_simulator`. ``neurosim run``, ``validate`` and
+    ``sweep`` use it. A model whose runs are not "train a classifier on a dataset" (e.g. the
+    teacher-student setting) also gives ``runner(settings, out_dir, data_dir=None,
+    resume=False, progress=True) -> summary dict``, which ``neurosim run`` then calls instead of
+    the standard training loop."""
+    _MODELS[name] = (schema, builder, runner, simulator)
 
 
 def runner_for(settings: dict):
     """The model's own runner, or None for the standard training loop."""
     return _models()[settings["model"]["name"]][2]
+
+
+def simulator_for(settings: dict):
+    """The model's simulator factory, or None for :func:`neurosim.training.make_simulator`."""
+    return _models()[settings["model"]["name"]][3]
 
 
 def _models():
@@ -66,6 +76,8 @@ SCHEMA = {
         "optimizer": (("reference", "torch"), "reference"),
         "milestones": ("list[int]", []),
         "gamma": ("float+", 0.1),
+        "schedule": (("step", "linear_decay"), "step"),
+        "decay_start": ("prob", 0.5),
         "max_weight": ("float+", 1e4),
         "seed": ("int0", 0),
         "threads": ("int+", 1),

@@ -203,7 +203,7 @@ def _check_circuits(runs, ds=None) -> None:
     """Build and compile every distinct circuit once (cheap; no kernels run); with a loaded
     data set ``ds``, also check that the circuits fit it."""
     from . import scenario as sc
-    from .training import _check_data_fits, make_simulator, scenario_hash
+    from .training import _check_data_fits, scenario_hash, simulator_for
 
     seen = set()
     for r in runs:
@@ -213,10 +213,10 @@ def _check_circuits(runs, ds=None) -> None:
         seen.add(h)
         label = ", ".join(f"{k}={v}" for k, v in r.point.items()) or "the base scenario"
         try:
-            if sc.runner_for(r.settings) is not None:
+            if sc.runner_for(r.settings) is not None and sc.simulator_for(r.settings) is None:
                 sc.build(r.settings)
             else:
-                sim = make_simulator(r.settings)
+                sim = simulator_for(r.settings)
                 if ds is not None:
                     _check_data_fits(sim, ds, r.settings)
         except ValidationError as e:

@@ -70,7 +70,8 @@ def make_simulator(settings: dict) -> Simulator:
     tr = settings["training"]
     opt = SGD(lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
               style=tr["optimizer"], milestones=tuple(tr["milestones"]), gamma=tr["gamma"],
-              max_weight=tr["max_weight"])
+              max_weight=tr["max_weight"], schedule=tr["schedule"], epochs=tr["epochs"],
+              decay_start=tr["decay_start"])
     mons = []
     for i, m in enumerate(settings["monitor"]):
         try:
@@ -318,15 +319,23 @@ def load_data(settings: dict, data_dir=None):
     return ds, x_test, y_test
 
 
+def simulator_for(settings: dict) -> Simulator:
+    """The scenario's Simulator, made by its model's factory if it registered one
+    (:func:`neurosim.scenario.register_model`), else by :func:`make_simulator`."""
+    return (sc.simulator_for(settings) or make_simulator)(settings)
+
+
 def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progress: bool = True,
-        log=print) -> dict:
+        log=print, simulator_factory=None) -> dict:
     """Run a validated scenario into ``out_dir``; returns the summary dict.
 
     Everything that can be checked (scenario, circuit, data, the checkpoint to resume from) is
     checked before anything is written. With ``resume``, training continues from the last
-    checkpoint in ``out_dir`` (from scratch if there is none)."""
+    checkpoint in ``out_dir`` (from scratch if there is none). ``simulator_factory(settings)``
+    replaces the model's factory (:func:`simulator_for`)."""
     out = Path(out_dir)
-    sim = make_simulator(settings)           # validates the whole circuit before any I/O
+    # validates the whole circuit before any I/O
+    sim = simulator_factory(settings) if simulator_factory else simulator_for(settings)
     ds, x_test, y_test = load_data(settings, data_dir)
     _check_data_fits(sim, ds, settings)
     if data_dir is not None:                 # so that --resume finds the data without --data

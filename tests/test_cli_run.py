@@ -125,6 +125,19 @@ def test_all_override_keys(tmp_path, data, scen, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+def test_linear_decay_schedule_key(tmp_path, data, scen):
+    """``training.schedule = "linear_decay"``: lr constant for the first decay_start * epochs
+    epochs, then (1 + (epochs - k) / (1 - decay_start)) / epochs of it in 1-based epoch k
+    (Hinton's epsgain; SGD.lr_at), as the metrics record it."""
+    out = tmp_path / "lin"
+    assert cli(["run", str(scen), "--data", str(data), "--out", str(out), "--no-progress",
+                "--set", "training.epochs=4", "--set", "training.schedule=linear_decay",
+                "--set", "training.decay_start=0.5", "--set", "data.train_limit=64"]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.05 * 3 / 4, 0.05 * 1 / 4])
+
+
 @pytest.mark.parametrize("override, where, fragment", [
     ("training.lrr=0.1", "training.lrr", "did you mean 'lr'?"),
     ("trainig.lr=0.1", "trainig", "did you mean 'training'?"),
@@ -136,6 +149,8 @@ def test_all_override_keys(tmp_path, data, scen, capsys):
     ("simulation.dt=-1ms", "simulation.dt", "expected a time > 0"),
     ('simulation.dt="5 Hz"', "simulation.dt", "unit"),
     ("simulation.mode=tim", "simulation.mode", "did you mean 'time'?"),
+    ("training.schedule=cosine", "training.schedule", "linear_decay"),
+    ("training.decay_start=1.5", "training.decay_start", "expected"),
     ("simulation.phase_duration=0", "simulation.phase_duration", "expected a time > 0"),
     ("data.train_limit=-5", "data.train_limit", "expected an integer >= 1"),
     ("model.sizes=[784,10]", "model.sizes", "at least one hidden layer"),

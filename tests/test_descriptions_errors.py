@@ -530,3 +530,37 @@ def test_free_run_argument_errors():
     with raises(ValidationError, "Simulator.run.duration", "'3 mV'"):
         sim.run("3 mV")
     assert sim.step == 0
+
+
+def test_population_normalize():
+    """``Population(normalize="rms")``: validated; refused by rules that need f' (BP) and by the
+    Brian2 export, each naming the population."""
+    from neurosim import Circuit, CompileError, Population, Protocol, Phase, compile_plan
+    from neurosim.interop import export_brian2
+    from neurosim.interop.brian2_export import ExportError
+    from neurosim.kernels import ops as K
+    from neurosim.plasticity import BP
+
+    assert Population("h", 4, transfer="relu", normalize="rms").code == K.RELU + K.RMS_NORM
+    assert Population("h", 4, transfer="relu").code == K.RELU
+    with pytest.raises(ValidationError, match=r"Population\('h'\)\.normalize.*'rms'"):
+        Population("h", 4, normalize="l2")
+    with pytest.raises(ValidationError, match=r"Population\('o'\)\.transfer.*softmax"):
+        Population("o", 4, transfer="softmax", normalize="rms")
+    c = Circuit("n")
+    c.population("x", 5)
+    c.population("h", 4, transfer="relu", normalize="rms", tau=0.01)
+    c.population("o", 3, transfer="softmax")
+    c.error("error", "o")
+    c.project("x", "h", name="W1")
+    c.project("h", "o", name="W2")
+    proto = Protocol([Phase("clean", clamp={"x": "x"})], mode="steady")
+    with pytest.raises(CompileError, match="'h'.*not element-wise"):
+        compile_plan(c, proto, rules=[BP()], optimizer=SGD(lr=0.1), batch=2)
+    tproto = Protocol([Phase("clean", clamp={"x": "x"}, duration=0.05)], mode="time", dt=0.005)
+    c2 = Circuit("n2")
+    c2.population("x", 5)
+    c2.population("h", 4, transfer="relu", normalize="rms", tau=0.01)
+    c2.project("x", "h", name="W1")
+    with pytest.raises(ExportError, match=r"Population\('h'\)\.normalize"):
+        export_brian2(c2, tproto)

@@ -315,7 +315,7 @@ def test_validation_errors():
     net = build_ff_network((20, 8), negatives="uniform", readout=False)
     with pytest.raises(ValidationError, match="negatives"):
         ForwardForward(negatives="hard", readout=None)
-    with pytest.raises(ValidationError, match="NormalizedPopulation"):  # plain input
+    with pytest.raises(ValidationError, match="normalize='rms'"):  # plain input
         from neurosim import Circuit
 
         c = Circuit("bad")

@@ -344,6 +344,10 @@ def export_brian2(circuit, protocol: Protocol | None = None, *, weights: dict | 
             _alpha(protocol, pop)                # dt > tau with Euler: refused as in neurosim
         where = f"Population({name!r})"
         transfer_expression(pop.transfer, where=f"{where}.transfer")
+        if getattr(pop, "normalize", None):
+            raise ExportError(f"{where}.normalize", f"got {pop.normalize!r}; the per-sample "
+                              "normalisation couples the units of a population (like softmax) "
+                              "and is not exported.", "export a copy with normalize=None.")
         if pop.dropout > 0:
             raise ExportError(f"{where}.dropout", f"got {pop.dropout}; dropout masks are drawn "
                               "per training trial and are not exported.",

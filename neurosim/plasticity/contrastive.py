@@ -38,7 +38,7 @@ The rule only writes ``dW`` (in ``trial_end``); how the two passes differ is the
 the protocol's business (PEPITA: the top-down projection F; FF: the label written into the image,
 see :class:`~neurosim.plasticity.forward_forward.ForwardForward`).
 
-:class:`NormalizedPopulation` is the circuit element the ``"rms"`` normalisation refers to: a
+``Population(normalize="rms")`` is the circuit element the ``"rms"`` normalisation refers to: a
 population whose output rate is ``f(drive)`` divided by its root mean square per sample.
 """
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..circuit import TRANSFERS, ErrorPopulation, Population
+from ..circuit import ErrorPopulation, Population
 from ..errors import ValidationError
 from ..kernels import ops as K
 from ..params import check_choice, check_float
@@ -58,37 +58,10 @@ NORMALIZATIONS = ("none", "rms")
 
 @dataclass(frozen=True)
 class NormalizedPopulation(Population):
-    """A population whose output is normalised per sample to unit root mean square.
+    """A :class:`~neurosim.circuit.Population` with ``normalize = "rms"`` by default (kept for
+    code written before ``Population.normalize`` existed)."""
 
-    ``r = f(drive) / (eps + sqrt(mean_j f(drive)_j^2))`` (steady state) or
-    ``tau dr/dt = -r + that`` (time mode), with ``eps = 1e-8``
-    (:data:`neurosim.kernels.ops.RMS_EPS`). Projections from it transmit the normalised rate; the
-    un-normalised activity ``f(drive)`` stays available from the held drive (rules read it there:
-    Forward-Forward's goodness is ``sum_j f(drive)_j^2``). With dropout the mask multiplies the
-    normalised rate. Softmax cannot be normalised; the derivative is not element-wise, so rules
-    that need ``f'`` (BP, FA, DFA, AFA) do not apply to it.
-
-    Parameters: those of :class:`~neurosim.circuit.Population`, plus ``normalize = "rms"``.
-    """
-
-    normalize: str = "rms"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(f"NormalizedPopulation({self.name!r}).normalize", self.normalize, ("rms",))
-        if self.transfer == "softmax":
-            raise ValidationError(f"NormalizedPopulation({self.name!r}).transfer", "softmax "
-                                  "output is already normalised; an RMS-normalised population "
-                                  "needs an element-wise transfer.",
-                                  "use transfer='relu' or 'identity'.")
-
-    @property
-    def code(self) -> int:
-        return TRANSFERS[self.transfer] + K.RMS_NORM
-
-    @property
-    def base_code(self) -> int:
-        return TRANSFERS[self.transfer]
+    normalize: str | None = "rms"
 
 
 def is_normalized(pop) -> bool:
@@ -109,7 +82,7 @@ class Contrastive(PlasticityRule):
     third_factor : ``"none"`` or ``"goodness"``
     normalization : ``"none"`` or ``"rms"``
         ``"rms"`` requires the presynaptic population of every projection the rule changes (other
-        than those in ``bias_projections``) to be a :class:`NormalizedPopulation`: the layer
+        than those in ``bias_projections``) to be ``Population(normalize="rms")``: the layer
         input is normalised, as in Forward-Forward.
     target : str, optional
         A population whose Hebbian postsynaptic factor is the one-hot target of the trial
@@ -230,8 +203,8 @@ def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
                 not is_normalized(c.populations[proj.pre_population]):
             raise ValidationError(f"{cls}.normalization", f"'rms' needs normalised layer inputs, "
                                   f"but projection {name!r} reads {proj.pre_population!r}, which "
-                                  "is not a NormalizedPopulation.",
-                                  "build the layers with NormalizedPopulation, or list the "
+                                  "is not normalised (Population(normalize='rms')).",
+                                  "build the layers with normalize='rms', or list the "
                                   "projection in bias_projections if it is a learnable bias.")
         by_post.setdefault(proj.post, []).append(proj)
     if rule.target is not None:

@@ -1,7 +1,7 @@
 """Forward-Forward (Hinton 2022) as a configuration of the two-phase contrastive rule.
 
 Each layer ``h = relu(W x_n + b)`` (``x_n`` the previous layer's output normalised to unit RMS,
-see :class:`~neurosim.plasticity.contrastive.NormalizedPopulation`) is trained, locally, to have
+``Population(normalize="rms")``) is trained, locally, to have
 a high goodness ``G = sum_j h_j^2`` on positive data and a low one on negative data, with
 ``p = sigmoid((G - theta) / T)``, ``theta`` = the layer width. Per layer, summed over the batch,
 descent direction (no gradient crosses layers)::
@@ -121,8 +121,8 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
         raise ValidationError("ForwardForward.n_classes", f"{C} label pixels do not fit into "
                               f"{rule.input!r} of size {inp.size}.")
     if not is_normalized(inp) and rule.normalization == "rms":
-        raise ValidationError("ForwardForward.input", f"{rule.input!r} is not a "
-                              "NormalizedPopulation; Forward-Forward normalises the image too.")
+        raise ValidationError("ForwardForward.input", f"{rule.input!r} is not normalised "
+                              "(normalize='rms'); Forward-Forward normalises the image too.")
     phases = {"positive": rule.hebbian, "negative": rule.anti_hebbian}
     attrs = {"positive": "hebbian", "negative": "anti_hebbian", "neutral": "neutral"}
     if rule.neutral is not None:
