@@ -3,6 +3,7 @@ neurosim vs a plain numpy implementation of the same rule vs the rule's GEMM flo
 in the same process, interleaved.
 
     python benchmarks/rules_throughput.py [--rules bp,fa,...] [--rounds 15] [--window 8]
+                                          [--threads N] [--clock cpu|wall]
 
 Each neurosim simulator is compiled from the rule's MNIST scenario (``scenarios/<rule>_mnist.toml``:
 784-1024-10, or 784-1024-1024-1024-10 for ``pepita_deep``, batch 64, dropout 0.1, one BLAS
@@ -22,6 +23,10 @@ single-threaded in the calling thread, as do the compiled kernels), on short win
 the best window of each counts (for the floor too). ``--clock wall`` uses wall-clock time
 instead (the right choice on an idle machine). Other processes still cost cache and memory
 bandwidth, which this cannot remove.
+
+``--threads N`` gives every implementation N threads (BLAS for all three, and neurosim's
+row-blocked element-wise operations); the time is then wall-clock (thread CPU time would miss the
+other threads), so run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ["bp", "fa", "dfa", "afa", "pepita", "pepita_wd", "pepita_norm", "pepita_wm",
-         "pepita_tl", "pepita_deep"]
+         "pepita_tl", "pepita_hebbian", "pepita_deep"]
 
 # the big GEMMs of one minibatch: ("fwd", n_in, n_out) = (B x n_in) @ (n_in x n_out) as
 # x @ W^T; ("upd", n_out, n_in) = (n_out x B) @ (B x n_in) as delta^T @ x
@@ -49,6 +54,7 @@ BIG_GEMMS = {
     "pepita_wd": _L1 + [("fwd", 784, 1024)],
     "pepita_norm": _L1 + [("fwd", 784, 1024)],
     "pepita_tl": _L1 + _L1,                                         # 2 passes, 2 steps
+    "pepita_hebbian": _L1 + _L1,                                    # h^T x and h~^T x~
     "pepita_wm": _L1 + [("fwd", 784, 1024)] + _L1,                  # + xi W_1^T, xi^T y
     "pepita_deep": [g for n_in in (784, 1024, 1024)
                     for g in (("fwd", n_in, 1024), ("fwd", n_in, 1024), ("upd", 1024, n_in))],
@@ -151,6 +157,15 @@ class NumpyRule:
             for l in range(L):
                 self._sgd(l, deltas[l].T @ hs[l], B)
             return
+        if r == "pepita_hebbian":
+            hs, _, out = self._forward(x, masks)
+            e = out - t
+            hm, _, _ = self._forward(x + self.sign * (e @ self.F.T), masks)
+            for l in range(L):
+                post = out if l == L - 1 else hs[l + 1]
+                postm = t if l == L - 1 else hm[l + 1]
+                self._sgd(l, post.T @ hs[l] - postm.T @ hm[l], B)
+            return
         if r == "pepita_tl":
             hs, _, out = self._forward(x, masks)
             e = out - t
@@ -199,14 +214,17 @@ def numpy_model(rule):
         return NumpyRule("pepita", (784, 1024, 10), 0.1, 0.9, sign=-1.0, wm=(0.1, 0.5), **common)
     if rule == "pepita_tl":
         return NumpyRule("pepita_tl", (784, 1024, 10), 0.01, 0.0, **common)
+    if rule == "pepita_hebbian":
+        return NumpyRule("pepita_hebbian", (784, 1024, 10), 0.1, 0.9, **common)
     return NumpyRule(rule, (784, 1024, 10), 0.1, 0.9, **common)
 
 
-def neurosim_sim(rule):
+def neurosim_sim(rule, threads=1):
     from neurosim import scenario as sc
     from neurosim.training import make_simulator
 
-    settings = sc.load(ROOT / "scenarios" / f"{SCENARIO[rule]}.toml", ["training.threads=1"])
+    settings = sc.load(ROOT / "scenarios" / f"{SCENARIO[rule]}.toml", [f"training.threads={threads}"])
+    settings["monitor"] = []      # training only (the scenarios' diagnostics are not the rule)
     return make_simulator(settings)
 
 
@@ -234,7 +252,7 @@ class Floor:
                 np.matmul(a, b, out=c)
 
 
-def bench(rules, rounds, window, seed=0, clock=time.thread_time):
+def bench(rules, rounds, window, seed=0, clock=time.thread_time, threads=1):
     rng = np.random.default_rng(seed)
     n = window * 64
     X = rng.random((n, 784), dtype=np.float32)
@@ -243,7 +261,7 @@ def bench(rules, rounds, window, seed=0, clock=time.thread_time):
     order = np.arange(n, dtype=np.int64)
     impls = {}
     for r in rules:
-        sim = neurosim_sim(r)
+        sim = neurosim_sim(r, threads)
         sim.train(X, Y, order)                              # compile + warm
         impls[(r, "neurosim")] = lambda sim=sim: sim.train(X, Y, order, chunk=window)
         npm = numpy_model(r)
@@ -253,7 +271,7 @@ def bench(rules, rounds, window, seed=0, clock=time.thread_time):
         fl.train(2)
         impls[(r, "floor")] = lambda fl=fl: fl.train(window)
     best = {k: float("inf") for k in impls}
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=threads):
         for _ in range(rounds):
             for k, fn in impls.items():
                 t0 = clock()
@@ -268,14 +286,18 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--window", type=int, default=8, help="minibatches per timed window")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for every implementation (forces --clock wall when > 1)")
     args = ap.parse_args(argv)
+    if args.threads > 1:
+        args.clock = "wall"
     rules = [r for r in args.rules.split(",") if r]
     bad = [r for r in rules if r not in RULES]
     if bad:
         sys.exit(f"unknown rules {bad}; expected some of {RULES}")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    res = bench(rules, args.rounds, args.window, clock=clock)
-    print(f"# rule throughput, batch 64, 1 BLAS thread, best of {args.rounds} interleaved windows "
+    res = bench(rules, args.rounds, args.window, clock=clock, threads=args.threads)
+    print(f"# rule throughput, batch 64, {args.threads} thread(s), best of {args.rounds} interleaved windows "
           f"of {args.window} minibatches, {args.clock} time; "
           f"{platform.processor() or platform.machine()}, numpy {np.__version__}")
     print(f"{'rule':14s} {'neurosim':>10s} {'numpy':>10s} {'floor':>10s} {'vs numpy':>9s} "

@@ -48,10 +48,12 @@ class Simulator:
     ----------
     plan : Plan
     threads : int
-        Threads used inside the kernels (default 1: fair on shared machines): BLAS threads for
-        the matrix products and row blocks for the large element-wise operations. Results do not
-        depend on it beyond the BLAS's own summation order (element-wise work is split by rows
-        and computes every element exactly as one thread does).
+        Threads used inside the kernels (default 1: fair on shared machines). With more, the
+        large matrix products are split into blocks (one single-threaded BLAS call each) and the
+        large element-wise operations into row blocks, all on numba's thread pool (at most
+        ``NUMBA_NUM_THREADS``, the CPU count by default). Element-wise results are identical to
+        one thread; a GEMM block may differ from the whole product in the last bits only through
+        the BLAS kernel's blocking. Use it on otherwise idle cores.
     """
 
     def __init__(self, plan: Plan, threads: int = 1):
@@ -286,8 +288,11 @@ class Simulator:
 
     @contextlib.contextmanager
     def _threads(self):
-        """BLAS limited to ``threads`` and numba's pool sized for the element-wise blocks."""
-        with _controller().limit(limits=self.threads, user_api="blas"):
+        """One thread pool: with ``threads > 1`` the kernels split GEMMs and element-wise work
+        over numba's pool and BLAS runs single-threaded inside each block (two pools, BLAS's and
+        numba's, spinning on the same cores slowed training tenfold on a 2-core machine)."""
+        blas = 1 if self._nthreads > 1 else self.threads
+        with _controller().limit(limits=blas, user_api="blas"):
             if self._nthreads > 1:
                 numba.set_num_threads(self._nthreads)
             yield

@@ -15,6 +15,7 @@ import pytest
 from conftest import make_data
 from neurosim import SGD, Simulator, compile_plan
 from neurosim.kernels import ops as K
+from neurosim.kernels.blas import gemm_par, gemm_reference, gemm_rm
 from neurosim.models import build_pepita_network
 
 CODES = {"identity": K.IDENTITY, "relu": K.RELU, "tanh": K.TANH, "sigmoid": K.SIGMOID,
@@ -95,6 +96,37 @@ def test_dropout_mask_and_deriv_par_equal_serial(nthreads):
         K.deriv_mul(x1, d, code)
         K.deriv_mul_par(x2, d, code, nthreads)
         np.testing.assert_array_equal(x1, x2)
+
+
+# (m, k, n): tall, wide (split along the other dimension), odd sizes, the PEPITA shapes
+SPLIT_SHAPES = [(1024, 64, 784), (64, 784, 1024), (333, 129, 77), (77, 300, 333), (10, 64, 1024)]
+
+
+@pytest.mark.parametrize("m,k,n", SPLIT_SHAPES, ids=["x".join(map(str, s)) for s in SPLIT_SHAPES])
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_gemm_par_blocks(m, k, n, trans_a, trans_b, nthreads):
+    """The product split into row or column blocks (leading dimensions from the strides of the
+    blocks) equals the float64 product to float32 accuracy: |error| <= k 2^-24 sum |a||b| per
+    element (the standard dot-product bound), checked as rtol 1e-5 with atol scaled by
+    sqrt(k); the neighbours of c outside the product are never written."""
+    rng = np.random.default_rng(m + 7 * k + 13 * n)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    big = rng.standard_normal((m, n + 5)).astype(np.float32)   # c is a column block of it
+    c0 = big[:, 2:2 + n].copy()
+    guard = big.copy()
+    c = big[:, 2:2 + n]
+    ws = (np.zeros(8, np.int32), np.zeros(2, np.float32))
+    gemm_par(trans_a, trans_b, -0.7, a, b, 0.5, c, *ws, nthreads)
+    want = gemm_reference(trans_a, trans_b, -0.7, a, b, 0.5, c0)
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-6 * np.sqrt(k) * 4)
+    np.testing.assert_array_equal(big[:, :2], guard[:, :2])
+    np.testing.assert_array_equal(big[:, 2 + n:], guard[:, 2 + n:])
+    c1 = c0.copy()                       # and the same as one call, to float32 accuracy
+    gemm_rm(trans_a, trans_b, -0.7, a, b, 0.5, c1, *ws)
+    np.testing.assert_allclose(c, c1, rtol=1e-5, atol=1e-6 * np.sqrt(k) * 4)
 
 
 def test_simulator_threads_give_the_same_training():

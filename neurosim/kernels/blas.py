@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import llvmlite.binding as _llvm
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import get_cython_function_address, intrinsic
 
 _SYMBOL = "neurosim_sgemm"
@@ -36,8 +36,10 @@ def _ptr(typingctx, arr):
 
 @njit(cache=True)
 def gemm_rm(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f):
-    """``c = alpha * op(a) @ op(b) + beta * c`` for C-contiguous float32 2-D arrays, in place.
+    """``c = alpha * op(a) @ op(b) + beta * c`` for row-major float32 2-D arrays, in place.
 
+    The arrays must have unit stride along their rows; the row stride may exceed the row length
+    (column blocks of a larger matrix: the leading dimensions come from the strides).
     ``ws_i`` (int32[8]) and ``ws_f`` (float32[2]) are scratch for the by-reference Fortran
     arguments. Row-major trick: BLAS sees ``c.T = op(b).T @ op(a).T`` in column-major order.
     """
@@ -67,9 +69,9 @@ def gemm_rm(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f):
     ws_i[0] = n
     ws_i[1] = m
     ws_i[2] = k
-    ws_i[3] = b.shape[1]
-    ws_i[4] = a.shape[1]
-    ws_i[5] = n
+    ws_i[3] = _ld(b)
+    ws_i[4] = _ld(a)
+    ws_i[5] = _ld(c)
     ws_i[6] = 84 if trans_b else 78  # 'T' or 'N' for BLAS's first operand (our b)
     ws_i[7] = 84 if trans_a else 78
     ws_f[0] = alpha
@@ -77,6 +79,53 @@ def gemm_rm(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f):
     _sgemm(_ptr(ws_i[6:7]), _ptr(ws_i[7:8]), _ptr(ws_i[0:1]), _ptr(ws_i[1:2]), _ptr(ws_i[2:3]),
            _ptr(ws_f[0:1]), _ptr(b), _ptr(ws_i[3:4]), _ptr(a), _ptr(ws_i[4:5]),
            _ptr(ws_f[1:2]), _ptr(c), _ptr(ws_i[5:6]))
+
+
+@njit(cache=True, inline="always")
+def _ld(x):
+    """Leading dimension (row stride in elements) of a row-major 2-D array."""
+    return max(x.strides[0] // 4, x.shape[1], 1)
+
+
+# below this many multiply-adds a split GEMM costs more in fork/join than it gains
+PAR_GEMM_MIN = 1 << 20
+
+
+@njit(cache=True, parallel=True)
+def _gemm_blocks(trans_a, trans_b, alpha, a, b, beta, c, nthreads):
+    """:func:`gemm_rm` with ``c`` split into ``nthreads`` row blocks (``m >= n``) or column
+    blocks, one single-threaded BLAS call per block, in parallel. Every element of ``c`` is the
+    same dot product as in one call, so the result only depends on the BLAS kernel's blocking."""
+    m, n = c.shape
+    for t in prange(nthreads):
+        ws_i = np.empty(8, np.int32)
+        ws_f = np.empty(2, np.float32)
+        if m >= n:
+            i0, i1 = t * m // nthreads, (t + 1) * m // nthreads
+            if trans_a:
+                gemm_rm(trans_a, trans_b, alpha, a[:, i0:i1], b, beta, c[i0:i1], ws_i, ws_f)
+            else:
+                gemm_rm(trans_a, trans_b, alpha, a[i0:i1], b, beta, c[i0:i1], ws_i, ws_f)
+        else:
+            j0, j1 = t * n // nthreads, (t + 1) * n // nthreads
+            if trans_b:
+                gemm_rm(trans_a, trans_b, alpha, a, b[j0:j1], beta, c[:, j0:j1], ws_i, ws_f)
+            else:
+                gemm_rm(trans_a, trans_b, alpha, a, b[:, j0:j1], beta, c[:, j0:j1], ws_i, ws_f)
+
+
+@njit(cache=True)
+def gemm_par(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f, nthreads):
+    """:func:`gemm_rm` on ``nthreads`` threads of numba's pool (BLAS itself single-threaded:
+    one thread pool, no two pools competing for the cores). Small products and matrix-vector
+    products run in one call."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    if nthreads < 2 or m < 2 or n < 2 or k < 2 or m * n * k < PAR_GEMM_MIN or \
+            max(m, n) < 2 * nthreads:
+        gemm_rm(trans_a, trans_b, alpha, a, b, beta, c, ws_i, ws_f)
+    else:
+        _gemm_blocks(trans_a, trans_b, alpha, a, b, beta, c, nthreads)
 
 
 @njit(cache=True)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .blas import gemm_rm
+from .blas import gemm_par, gemm_rm
 from .rng import uniform01
 
 # ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
@@ -475,9 +475,10 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
     ``blocks`` rows are (first instruction, end instruction, repeat, phase index, is-loop); each
     repeat of a loop block is one time step (the step counter feeds monitors). Minibatch ``j`` takes rows
     ``order[start + j*batch : ...]`` of X (inputs), Y (int labels) and T (float targets); the
-    last minibatch may be short. ``nthreads > 1`` splits the large element-wise operations
-    (transfer, Euler step, dropout mask, derivative, optimizer step) into row blocks run in
-    parallel, with results identical to one thread. Returns a status; on
+    last minibatch may be short. ``nthreads > 1`` splits the large GEMMs (into blocks of single-
+    threaded BLAS calls) and element-wise operations (transfer, Euler step, dropout mask,
+    derivative, optimizer step) over numba's thread pool; element-wise results are identical to
+    one thread. Returns a status; on
     failure ``info`` holds (instruction, step within phase, trial, block).
     """
     n_order = order.shape[0]
@@ -504,9 +505,9 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         alpha = fprm[i, 0]
                         if prog[i, 6] == 1:  # fused optimizer step: alpha * lr / nb
                             alpha = alpha * fprm[i, 2] / nb
-                        gemm_rm(prog[i, 4] == 1, prog[i, 5] == 1, alpha,
-                                _view(mem, bufs, prog[i, 2], nb), _view(mem, bufs, prog[i, 3], nb),
-                                fprm[i, 1], _view(mem, bufs, a, nb), ws_i, ws_f)
+                        gemm_par(prog[i, 4] == 1, prog[i, 5] == 1, alpha,
+                                 _view(mem, bufs, prog[i, 2], nb), _view(mem, bufs, prog[i, 3], nb),
+                                 fprm[i, 1], _view(mem, bufs, a, nb), ws_i, ws_f, nthreads)
                     elif op == TRANSFER or op == EULER:
                         r = _view(mem, bufs, a, nb)
                         d = _view(mem, bufs, prog[i, 2], nb)
