@@ -42,7 +42,8 @@ def wm_factor_std(sizes, f_scale=0.05) -> float:
 
 
 def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1, wm_wd=0.5,
-                            wm_noise=0.1, premirror_epochs=0, wm_period=1, trials_per_epoch=None,
+                            wm_noise=0.1, wm_noise_dist="rademacher", premirror_epochs=0,
+                            wm_period=1, trials_per_epoch=None,
                             f_scale=0.05, convention="iclr2024", **kw):
     """A PEPITA network whose F is the product of factors B_1 ... B_L, N(0, s^2) each
     (:func:`wm_factor_std`), and the rules ``[PEPITA, WeightMirroring]`` (``mirroring=False``:
@@ -63,7 +64,7 @@ def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1,
     # mirroring=False: the same rule with lr = 0 keeps F = B_1 ... B_L (rescaled to sd_F) and
     # never changes the factors; the schedule is then irrelevant
     wm = WeightMirroring(factors=tuple(factors), feedback="F", lr=wm_lr if mirroring else 0.0,
-                         wd=wm_wd, noise=wm_noise, f_scale=f_scale,
+                         wd=wm_wd, noise=wm_noise, noise_dist=wm_noise_dist, f_scale=f_scale,
                          premirror_epochs=premirror_epochs if mirroring else 0,
                          period=wm_period if mirroring else 1,
                          trials_per_epoch=trials_per_epoch)
@@ -103,7 +104,8 @@ def _build_norm(s):
 
 WM_SCHEMA = dict(PEPITA_SCHEMA, convention=(("icml2022", "iclr2024"), "iclr2024"),
                  mirroring=("bool", True), wm_lr=("float0", 0.1), wm_wd=("float0", 0.5),
-                 wm_noise=("float+", 0.1), premirror_epochs=("int0", 0), wm_period=("int+", 1))
+                 wm_noise=("float+", 0.1), wm_noise_dist=(("rademacher", "gaussian"), "rademacher"),
+                 premirror_epochs=("int0", 0), wm_period=("int+", 1))
 
 
 def _build_wm(s):
@@ -111,7 +113,8 @@ def _build_wm(s):
     kw = _common(s)
     net, rules = build_pepita_wm_network(
         tuple(m["sizes"]), mirroring=m["mirroring"], wm_lr=m["wm_lr"], wm_wd=m["wm_wd"],
-        wm_noise=m["wm_noise"], premirror_epochs=m["premirror_epochs"], wm_period=m["wm_period"],
+        wm_noise=m["wm_noise"], wm_noise_dist=m["wm_noise_dist"],
+        premirror_epochs=m["premirror_epochs"], wm_period=m["wm_period"],
         trials_per_epoch=trials_per_epoch(s), **kw)
     return net.circuit, net.protocol, rules, "output"
 

@@ -34,7 +34,7 @@ GA_RULES = {"bp": "bp_mnist", "fa": "fa_mnist", "dfa": "dfa_mnist", "afa": "afa_
 LABEL = {"bp": "BP", "fa": "FA", "dfa": "DFA", "afa": "AFA", "pepita": "PEPITA",
          "pepita_wd": "PEPITA + WD", "pepita_norm": "PEPITA + norm", "pepita_wm": "PEPITA + WM",
          "pepita_wmctl": "PEPITA (factorized F, no WM)", "pepita_tl": "PEPITA-TL",
-         "pepita_deep": "PEPITA, 3 hidden"}
+         "pepita_hebbian": "PEPITA-Hebbian", "pepita_deep": "PEPITA, 3 hidden"}
 
 
 def _simulator(scenario, monitors=(), overrides=(), tl_record=False):
@@ -216,12 +216,12 @@ def report(args):
 
     runs = _runs(args.campaign)
     epochs = args.epochs
-    if args.pepita_run:
+    if args.pepita_run and args.pepita_rows:
         runs.setdefault(("pepita", "mnist"), []).append(_pepita_reference(args.pepita_run, epochs))
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
     order = ["bp", "fa", "dfa", "afa", "pepita", "pepita_wd", "pepita_norm", "pepita_wmctl",
-             "pepita_wm", "pepita_tl", "pepita_deep"]
+             "pepita_wm", "pepita_tl", "pepita_hebbian", "pepita_deep"]
     lines = ["| rule | MNIST test acc. (%) | seeds | F-MNIST test acc. (%) | seeds |",
              "|---|---|---|---|---|"]
     curves = {}
@@ -240,14 +240,13 @@ def report(args):
         lines.append(f"| {LABEL[rule]} | " + " | ".join(cells) + " |")
     print(f"Test accuracy after {epochs} epochs (mean +- sample std over seeds):\n")
     print("\n".join(lines))
-    # slowness: fit on the available epochs (no decay within them)
-    print("\nSlowness s (epochs; acc(t) = a t / (s + t) with chance at 0), per seed:")
+    # slowness: fit on the epochs up to the first decay (the summary's own fit)
+    print("\nSlowness s (epochs; acc(t) = a t / (s + t) with chance at 0, epochs up to the first "
+          "decay), per seed:")
     for rule in order:
         for ds in ("mnist", "fmnist"):
             rs = [r for r in runs.get((rule, ds), []) if len(r["metrics"]) >= epochs]
-            fits = [slowness_fit([float(m["epoch"]) for m in r["metrics"][:epochs]],
-                                 [float(m["test_accuracy"]) for m in r["metrics"][:epochs]],
-                                 n_classes=10) for r in rs]
+            fits = [r["summary"].get("slowness") for r in rs]
             fits = [f for f in fits if f]
             if fits:
                 s = [f["s"] for f in fits]
@@ -347,6 +346,7 @@ def report(args):
         fig.tight_layout()
         fig.savefig(figs / "pepita_wm_slowness.png", dpi=120)
         plt.close(fig)
+    _grad_angle_over_training(runs, order, figs, epochs, plt)
     # diagnostics plots
     diagd = Path(args.diag) if args.diag else None
     if diagd and (diagd / "pepita_afa_cosine.npz").is_file():
@@ -407,6 +407,57 @@ def report(args):
         plt.close(fig)
 
 
+def _grad_angle_over_training(runs, order, figs, epochs, plt):
+    """Angle between each rule's update and the BP gradient over the campaign's training (the
+    scenarios' ``grad_angle:W1`` / ``grad_angle:W<last>`` monitors, ten records per epoch), mean
+    over seeds, MNIST and Fashion-MNIST."""
+    have = False
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey=True)
+    print("\nAngle to the BP gradient over training (deg; mean over seeds of the records in "
+          "epoch 1 and in the last epoch):")
+    for row, ds in enumerate(("mnist", "fmnist")):
+        for rule_i, rule in enumerate(order):
+            rs = [r for r in runs.get((rule, ds), []) if (r["dir"] / "traces.npz").is_file()
+                  and len(r["metrics"]) >= epochs]
+            per_layer = {}
+            for r in rs:
+                z = np.load(r["dir"] / "traces.npz")
+                keys = sorted(k.split("/")[0] for k in z.files
+                              if k.startswith("grad_angle:") and k.endswith("/values"))
+                if not keys:
+                    continue
+                first, last = keys[0], max(keys, key=lambda k: int(k.split(":W")[1]))
+                for col, k in enumerate((first, last)):
+                    per_layer.setdefault(col, []).append(
+                        (z[f"{k}/trial"] / 938.0, z[f"{k}/values"].ravel()))
+            summary = []
+            for col, series in sorted(per_layer.items()):
+                n = min(len(v) for _, v in series)
+                t = series[0][0][:n]
+                v = np.mean([v[:n] for _, v in series], axis=0)
+                axes[row, col].plot(t, v, lw=1.2, color=plt.get_cmap("tab20")(rule_i),
+                                    label=f"{LABEL[rule]} (n={len(series)})")
+                have = True
+                summary.append(f"{v[t < 1].mean():6.1f} -> {v[t >= epochs - 1].mean():6.1f}")
+            if summary:
+                print(f"  {ds:6s} {LABEL[rule]:30s} W1: {summary[0]}   output layer: "
+                      f"{summary[-1]}")
+        for col, what in enumerate(("first layer (W1)", "output layer")):
+            ax = axes[row, col]
+            ax.set_title(f"{'MNIST' if ds == 'mnist' else 'Fashion-MNIST'}: {what}")
+            ax.grid(alpha=0.3)
+            ax.axhline(90, color="gray", lw=0.8, ls=":")
+            if row == 1:
+                ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("angle to the BP gradient (deg)")
+    if have:
+        axes[0, 1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(figs / "rules_gradient_alignment_training.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -429,7 +480,10 @@ def main(argv=None):
     r.add_argument("--diag", default=None)
     r.add_argument("--figures", required=True)
     r.add_argument("--pepita-run", default=None)
-    r.add_argument("--epochs", type=int, default=5)
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--pepita-rows", action="store_true",
+                   help="count --pepita-run's first epochs as a PEPITA MNIST seed-0 run (only "
+                        "when the campaign used the same schedule)")
     r.add_argument("--slowness", default=None, help="output folder of the slowness command")
     args = ap.parse_args(argv)
     return {"diag": diag, "slowness": slowness, "report": report}[args.cmd](args)

@@ -29,7 +29,7 @@ import pytest
 from conftest import make_data, relu as _relu, softmax as _softmax, engine_masks as _masks
 from neurosim import SGD, Monitor, Simulator, compile_plan
 from neurosim.analysis import slowness_fit
-from neurosim.kernels.rng import uniform01_reference
+from neurosim.kernels.rng import normal01_reference, uniform01_reference
 from neurosim.models import build_pepita_network
 from neurosim.models.pepita_variants import build_pepita_wm_network, wm_factor_std
 from neurosim.plasticity.pepita_variants import (NormalizedPEPITA, PEPITATimeLocal,
@@ -196,20 +196,23 @@ def test_time_local_works_in_time_mode():
 
 
 # ---- weight mirroring ---------------------------------------------------------------------------
-def _noise(seed, tag, l, trial, nb, n, amp):
+def _noise(seed, tag, l, trial, nb, n, amp, dist="rademacher"):
     b = np.arange(nb, dtype=np.uint64)[:, None]
     j = np.arange(n, dtype=np.uint64)[None, :]
     counters = (np.uint64(trial) * np.uint64(nb) + b) * np.uint64(n) + j
-    u = uniform01_reference(int(component_key(seed, f"{tag}:noise:{l}")), counters)
+    key = int(component_key(seed, f"{tag}:noise:{l}"))
+    if dist == "gaussian":
+        return amp * normal01_reference(key, counters).astype(np.float64)
+    u = uniform01_reference(key, counters)
     return np.where(u.astype(np.float64) < 0.5, amp, -amp)
 
 
-def _wm_step(W, Bs, masks, seed, trial, nb, lr, wd, amp, sd_f, on, codes):
+def _wm_step(W, Bs, masks, seed, trial, nb, lr, wd, amp, sd_f, on, codes, dist="rademacher"):
     """One mirroring step as algorithms.md 1.1 writes it (float64)."""
     L = len(W)
     if on:
         for l in range(L):
-            xi = _noise(seed, "wm", l, trial, nb, W[l].shape[1], amp)
+            xi = _noise(seed, "wm", l, trial, nb, W[l].shape[1], amp, dist)
             xi = xi - xi.mean()
             a = xi @ W[l].T
             y = _softmax(a) if codes[l] == "softmax" else _relu(a) * masks[l]
@@ -223,8 +226,9 @@ def _wm_step(W, Bs, masks, seed, trial, nb, lr, wd, amp, sd_f, on, codes):
     return Bs, F * g ** L
 
 
-@pytest.mark.parametrize("sizes", [(12, 9, 4), (12, 9, 7, 4)])
-def test_weight_mirroring_equals_numpy(sizes):
+@pytest.mark.parametrize("sizes,dist", [((12, 9, 4), "rademacher"), ((12, 9, 7, 4), "rademacher"),
+                                        ((12, 9, 4), "gaussian")])
+def test_weight_mirroring_equals_numpy(sizes, dist):
     """Factors and F after each trial; W updates gated off by pre-mirroring in the first epoch;
     schedule T = 2 trials per epoch, premirror 1 epoch, period 2."""
     T, P, k, lr, wd, amp = 2, 1, 2, 0.3, 0.5, 0.2
@@ -232,7 +236,7 @@ def test_weight_mirroring_equals_numpy(sizes):
     X, Y = make_data(T * BATCH, sizes[0], sizes[-1], seed=8)
     net, rules = build_pepita_wm_network(sizes, premirror_epochs=P, wm_period=k,
                                          trials_per_epoch=T, wm_lr=lr, wm_wd=wd, wm_noise=amp,
-                                         dropout=0.2)
+                                         wm_noise_dist=dist, dropout=0.2)
     plan = compile_plan(net.circuit, net.protocol, rules=rules, optimizer=SGD(lr=0.1),
                         batch=BATCH, seed=5)
     sim = Simulator(plan)
@@ -248,7 +252,7 @@ def test_weight_mirroring_equals_numpy(sizes):
             # the step at the start of trial n mirrors after trial n-1 (or pre-mirrors)
             on = n < P * T or (n >= P * T + 1 and ((n - 1) // T - P) % k == 0)
             Bs, F = _wm_step(W, Bs, _masks(sim, net, BATCH), 5, n, BATCH, lr, wd, amp, sd_f,
-                             on, codes)
+                             on, codes, dist)
             for l in range(L):
                 got = sim.weights[f"B{l + 1}"].astype(np.float64)
                 err = np.linalg.norm(got - Bs[l]) / np.linalg.norm(Bs[l])
@@ -262,15 +266,17 @@ def test_weight_mirroring_equals_numpy(sizes):
             n += 1
 
 
-def test_weight_mirroring_aligns():
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_weight_mirroring_aligns(dist):
     """With W held fixed (pre-mirroring), mirroring turns B_1 towards W_1^T and F towards
     (W_2 W_1)^T. Measured on this net (30-20-5, 1000 steps; compile seeds 0, 1, 2): B_1 86-90 ->
     14-16 deg, F 89-96 -> 39-52 deg (B_2, the softmax layer, mirrors more noisily); independent
-    random matrices of these sizes sit at 90 +- 3 deg."""
+    random matrices of these sizes sit at 90 +- 3 deg. The reference's Gaussian noise has the
+    same expected mirroring signal (module docstring) and must align as well."""
     sizes = (30, 20, 5)
     X, Y = make_data(1000 * BATCH, sizes[0], sizes[-1], seed=1)
     net, rules = build_pepita_wm_network(sizes, premirror_epochs=2000, trials_per_epoch=1,
-                                         dropout=0.0)
+                                         dropout=0.0, wm_noise_dist=dist)
     plan = compile_plan(net.circuit, net.protocol, rules=rules, optimizer=SGD(lr=0.1),
                         batch=BATCH, seed=0, monitors=[Monitor("angle:F", every=50),
                                                        Monitor("angle:B1", every=50)])

@@ -19,12 +19,12 @@ import numpy as np
 from numba import njit, prange
 
 from .blas import gemm_par, gemm_rm
-from .rng import uniform01
+from .rng import normal01, uniform01
 
 # ---- opcodes (keep in sync with neurosim.compiler) -------------------------------------------
 NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, \
     SGD, RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT, \
-    APPLY, ROW_SUMSQ, ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN, SAMPLE_WRONG = range(29)
+    APPLY, ROW_SUMSQ, ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN, SAMPLE_WRONG, GAUSS = range(30)
 
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
@@ -283,6 +283,18 @@ def dropout_mask(mask, keep, key, trial, batch, row0=0):
         for j in range(n):
             u = uniform01(key, base + np.uint64(b * n + j))
             mask[b, j] = inv if u < keep else np.float32(0.0)
+
+
+@njit(cache=True)
+def gaussian_fill(out, scale, key, trial, batch):
+    """``out = scale * N(0, 1)``, a pure function of (key, trial, row, unit) like
+    :func:`dropout_mask` (counter ``trial * batch * n + row * n + unit``)."""
+    nb, n = out.shape
+    s = np.float32(scale)
+    base = np.uint64(trial) * np.uint64(batch * n)
+    for b in range(nb):
+        for j in range(n):
+            out[b, j] = s * normal01(key, base + np.uint64(b * n + j))
 
 
 @njit(cache=True)
@@ -624,6 +636,9 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                                              nthreads)
                         else:
                             dropout_mask(mk, fprm[i, 0], keys[prog[i, 2]], trial, batch)
+                    elif op == GAUSS:
+                        gaussian_fill(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]],
+                                      trial, batch)
                     elif op == DERIV:
                         dst = _view(mem, bufs, a, nb)
                         d = _view(mem, bufs, prog[i, 2], nb)

@@ -8,6 +8,8 @@ the component name (:func:`neurosim.rng.component_key`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -34,6 +36,23 @@ def uniform01(key, counter):
     """A float32 in [0, 1) from ``(key, counter)``, both uint64."""
     z = mix64(key + (counter + np.uint64(1)) * _GOLDEN)
     return np.float32(z >> _S40) * _INV24
+
+
+@njit(cache=True, inline="always")
+def normal01(key, counter):
+    """A standard normal draw (float32) from ``(key, counter)``: Box-Muller on the uniforms of
+    counters ``2 counter`` and ``2 counter + 1`` (float64 inside; ``1 - u`` keeps the log finite)."""
+    u1 = 1.0 - np.float64(uniform01(key, np.uint64(2) * counter))
+    u2 = np.float64(uniform01(key, np.uint64(2) * counter + np.uint64(1)))
+    return np.float32(math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
+
+
+def normal01_reference(key: int, counters: np.ndarray) -> np.ndarray:
+    """numpy twin of :func:`normal01`."""
+    c = counters.astype(np.uint64)
+    u1 = 1.0 - uniform01_reference(key, np.uint64(2) * c).astype(np.float64)
+    u2 = uniform01_reference(key, np.uint64(2) * c + np.uint64(1)).astype(np.float64)
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
 
 
 def uniform01_reference(key: int, counters: np.ndarray) -> np.ndarray:

@@ -41,11 +41,12 @@ multiplies F by a constant that the rescaling undoes, so it is folded into the s
 ``B_l <- g (B_l + lr / (1 - lr wd) xi^T y / B)``, identical to decaying, adding
 ``lr xi^T y / B`` and rescaling.
 
-Mirroring noise. The kernels have a counter-based uniform generator only; the noise is
-Rademacher, ``xi = +-noise`` with probability 1/2 each (one MASK draw), then ``xi -= mean(xi)``.
-It has the same mean and covariance (noise^2 I) as the reference Gaussian noise, and for any
-symmetric noise ``E[xi relu(W xi)^T] = noise^2 W^T / 2`` exactly (z -> -z symmetry), so the
-mirroring signal is the same.
+Mirroring noise. ``noise_dist = "gaussian"`` draws the reference's ``noise * randn`` (counter-based
+Box-Muller, :func:`neurosim.kernels.rng.normal01`); the default ``"rademacher"`` draws
+``xi = +-noise`` with probability 1/2 each (one dropout-mask draw, cheaper). Both have mean 0 and
+covariance noise^2 I, and for any symmetric noise ``E[xi relu(W xi)^T] = noise^2 W^T / 2``
+exactly (z -> -z symmetry), so the expected mirroring signal is the same; the campaign in
+docs/results.md used the default. Either way ``xi -= mean(xi)`` follows.
 """
 
 from __future__ import annotations
@@ -315,7 +316,8 @@ class WeightMirroring(PlasticityRule):
 
     F = B_1 B_2 ... B_L, with B_l (shaped like W_l^T) the weights of the feedback projections
     ``factors`` (inactive in every phase; e.g. ``B1: hidden -> input``). A mirroring step, per
-    layer l: ``xi = +-noise`` (Rademacher), ``xi -= mean(xi)``, ``y = block_l(xi)`` (linear, the
+    layer l: ``xi = noise * N(0, 1)`` (``noise_dist = "gaussian"``, the reference) or ``+-noise``
+    (``"rademacher"``, the default), ``xi -= mean(xi)``, ``y = block_l(xi)`` (linear, the
     trial's dropout mask, transfer; softmax for the last), ``B_l <- B_l + lr xi^T y / B - lr wd
     B_l``; then every B_l is rescaled by ``(sd_F / std(F))^(1/L)`` with ``sd_F = f_scale
     sqrt(2 / d_in)`` (std taken about 0, i.e. the RMS of F's entries), and F is recomputed.
@@ -333,6 +335,7 @@ class WeightMirroring(PlasticityRule):
     lr: float = 0.1
     wd: float = 0.5
     noise: float = 0.1
+    noise_dist: str = "rademacher"
     f_scale: float = 0.05
     premirror_epochs: int = 0
     period: int = 1
@@ -349,6 +352,7 @@ class WeightMirroring(PlasticityRule):
         check_float("WeightMirroring.lr", self.lr, low=0.0)
         check_float("WeightMirroring.wd", self.wd, low=0.0)
         check_float("WeightMirroring.noise", self.noise, low=0.0, low_open=True)
+        check_choice("WeightMirroring.noise_dist", self.noise_dist, ("rademacher", "gaussian"))
         check_float("WeightMirroring.f_scale", self.f_scale, low=0.0, low_open=True)
         check_int("WeightMirroring.premirror_epochs", self.premirror_epochs, low=0)
         check_int("WeightMirroring.period", self.period, low=1)
@@ -444,8 +448,12 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
             xi = pb.scratch(f"{tag}.xi{l}", fan_in)
             a = pb.scratch(f"{tag}.a{l}", fan_out)
             y = pb.scratch(f"{tag}.y{l}", fan_out)
-            pb.emit(K.MASK, (xi, pb.key(f"{tag}:noise:{l}")), (0.5,), f"{tag} noise")  # {0, 2}
-            pb.emit(K.AFFINE, (xi,), (rule.noise, -rule.noise), f"{tag} noise")       # +-noise
+            key = pb.key(f"{tag}:noise:{l}")
+            if rule.noise_dist == "gaussian":
+                pb.emit(K.GAUSS, (xi, key), (rule.noise,), f"{tag} noise")
+            else:
+                pb.emit(K.MASK, (xi, key), (0.5,), f"{tag} noise")                      # {0, 2}
+                pb.emit(K.AFFINE, (xi,), (rule.noise, -rule.noise), f"{tag} noise")   # +-noise
             m = pb.persistent(f"{tag}.colmean{l}", 1, fan_in)
             mu = pb.persistent(f"{tag}.mean{l}", 1, 1)
             mrow = pb.persistent(f"{tag}.meanrow{l}", 1, fan_in)
