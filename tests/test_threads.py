@@ -129,18 +129,21 @@ def test_gemm_par_blocks(m, k, n, trans_a, trans_b, nthreads):
     np.testing.assert_allclose(c, c1, rtol=1e-5, atol=1e-6 * np.sqrt(k) * 4)
 
 
-def test_simulator_threads_give_the_same_training():
-    """PEPITA with dropout, 784-1024-10 shapes cut down to 300-512-10 (large enough that every
-    element-wise operation takes the parallel path): threads=2 trains like threads=1. The dropout
-    masks are identical bit for bit; the weights differ at most by the BLAS's own summation order
-    with two threads (float32, fan-in <= 512: relative error of a dot product <= 512 * 2^-24 =
-    3e-5 per update, and the weight change over 4 minibatches is ~1% of the weight), so the
-    tolerance on the weights is 1e-5 relative to their scale."""
+@pytest.mark.parametrize("mode", ["steady", "time"])
+def test_simulator_threads_give_the_same_training(mode):
+    """PEPITA with dropout, 784-1024-10 shapes cut down to 300-512-10 (large enough that the
+    GEMMs are split and every element-wise operation takes the parallel path), steady state and
+    time mode (Euler steps in row blocks): threads=2 trains like threads=1. The dropout masks are
+    identical bit for bit; the weights can differ only where a GEMM block is summed in another
+    order by the BLAS kernel (float32, fan-in <= 512: relative error of a dot product <= 512 *
+    2^-24 = 3e-5 per update, and the weight change over the minibatches is ~1% of the weight),
+    so the tolerance on the weights is 1e-5 relative to their scale."""
     sizes = (300, 512, 10)
-    X, Y = make_data(256, sizes[0], sizes[-1], seed=0)
+    X, Y = make_data(256 if mode == "steady" else 128, sizes[0], sizes[-1], seed=0)
     out = {}
     for threads in (1, 2):
-        net = build_pepita_network(sizes, dropout=0.1)
+        kw = dict(mode="time", tau=0.01, dt=0.002, phase_duration=0.03) if mode == "time" else {}
+        net = build_pepita_network(sizes, dropout=0.1, **kw)
         plan = compile_plan(net.circuit, net.protocol, rules=[net.rule],
                             optimizer=SGD(lr=0.1, momentum=0.9), batch=64, seed=3)
         sim = Simulator(plan, threads=threads)
