@@ -24,9 +24,12 @@ the best window of each counts (for the floor too). ``--clock wall`` uses wall-c
 instead (the right choice on an idle machine). Other processes still cost cache and memory
 bandwidth, which this cannot remove.
 
-``--threads N`` gives every implementation N threads (BLAS for all three, and neurosim's
-row-blocked element-wise operations); the time is then wall-clock (thread CPU time would miss the
-other threads), so run it on an idle machine.
+``--threads N`` gives every implementation N threads (BLAS's pool for numpy and the floor;
+numba's pool for neurosim, which splits its GEMMs and element-wise loops itself); the time is then
+wall-clock (thread CPU time would miss the other threads), so run it on an idle machine. Idle
+pool threads spin for a while before they sleep (OpenBLAS's for about 0.1 s), and a spinning
+OpenBLAS worker left by the numpy run takes a core from the next implementation's window:
+with N > 1 each window therefore starts after a 0.3 s pause (``--settle``).
 """
 
 from __future__ import annotations
@@ -252,7 +255,7 @@ class Floor:
                 np.matmul(a, b, out=c)
 
 
-def bench(rules, rounds, window, seed=0, clock=time.thread_time, threads=1):
+def bench(rules, rounds, window, seed=0, clock=time.thread_time, threads=1, settle=0.0):
     rng = np.random.default_rng(seed)
     n = window * 64
     X = rng.random((n, 784), dtype=np.float32)
@@ -274,6 +277,8 @@ def bench(rules, rounds, window, seed=0, clock=time.thread_time, threads=1):
     with threadpool_limits(limits=threads):
         for _ in range(rounds):
             for k, fn in impls.items():
+                if settle:
+                    time.sleep(settle)
                 t0 = clock()
                 fn()
                 best[k] = min(best[k], clock() - t0)
@@ -288,15 +293,21 @@ def main(argv=None):
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for every implementation (forces --clock wall when > 1)")
+    ap.add_argument("--settle", type=float, default=None,
+                    help="seconds of pause before each timed window (default 0.3 with --threads "
+                         "> 1, else 0)")
     args = ap.parse_args(argv)
     if args.threads > 1:
         args.clock = "wall"
+    if args.settle is None:
+        args.settle = 0.3 if args.threads > 1 else 0.0
     rules = [r for r in args.rules.split(",") if r]
     bad = [r for r in rules if r not in RULES]
     if bad:
         sys.exit(f"unknown rules {bad}; expected some of {RULES}")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    res = bench(rules, args.rounds, args.window, clock=clock, threads=args.threads)
+    res = bench(rules, args.rounds, args.window, clock=clock, threads=args.threads,
+                settle=args.settle)
     print(f"# rule throughput, batch 64, {args.threads} thread(s), best of {args.rounds} interleaved windows "
           f"of {args.window} minibatches, {args.clock} time; "
           f"{platform.processor() or platform.machine()}, numpy {np.__version__}")

@@ -500,8 +500,10 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
 
 
 def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
-    """Rewrite ``dW = post^T pre`` (the only write of dW in the trial) into
-    ``V = m V + alpha post^T pre`` with alpha = lr/nb (reference) or 1/nb (torch) at run time."""
+    """Rewrite ``dW = sum_i post_i^T pre_i`` (GEMMs that are the only accesses to dW in the
+    trial: the first overwrites it, the others accumulate) into ``V = m V + alpha sum_i post_i^T
+    pre_i``, alpha = lr/nb (reference) or 1/nb (torch) at run time, so that no pass over dW
+    remains: PEPITA's single product, the two terms of a contrastive rule."""
     if optimizer.weight_decay != 0.0:
         return False
     dw = pb._index[f"{name}.dW"]
@@ -510,18 +512,21 @@ def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
         for k, (iv, fv, w) in enumerate(items):
             if dw in iv[1:6]:
                 hits.append((sec, k, iv, fv))
-    if len(hits) != 1:
+    if not hits:
         return False
-    sec, k, iv, fv = hits[0]
-    if iv[0] != K.GEMM or iv[1] != dw or fv[1] != 0.0 or sec != "trial_end":
-        return False
-    iv[1] = v
-    fv[1] = optimizer.momentum
-    iv[6] = 1
-    fv[2] = optimizer.lr * optimizer.scale_of(name) if optimizer.style == "reference" else 1.0
-    fv[3] = optimizer.scale_of(name)  # set_lr keeps the per-projection scale
-    w = prb.sections[sec][k][2]
-    prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
+    for j, (sec, k, iv, fv) in enumerate(hits):
+        if sec != "trial_end" or iv[0] != K.GEMM or iv[1] != dw or dw in (iv[2], iv[3]) or \
+                iv[6] == 1 or fv[1] != (0.0 if j == 0 else 1.0):
+            return False
+    lr = optimizer.lr * optimizer.scale_of(name) if optimizer.style == "reference" else 1.0
+    for j, (sec, k, iv, fv) in enumerate(hits):
+        iv[1] = v
+        fv[1] = optimizer.momentum if j == 0 else 1.0
+        iv[6] = 1
+        fv[2] = lr
+        fv[3] = optimizer.scale_of(name)  # set_lr keeps the per-projection scale
+        w = prb.sections[sec][k][2]
+        prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
     return True
 
 

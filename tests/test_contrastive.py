@@ -171,3 +171,25 @@ def test_contrastive_validation():
                      rules=[PepitaHebbian(normalization="rms")], optimizer=SGD(), batch=4)
     with pytest.raises(ValidationError, match="softmax"):
         NormalizedPopulation("o", 3, transfer="softmax")
+
+
+def test_two_term_update_is_fused_into_the_momentum_step():
+    """PEPITA-Hebbian's two GEMMs (h^T x, then - h~^T x~) are rewritten into V = m V + lr/B (...)
+    with no pass over dW (the optimizer's SGD instruction then only does W -= V), and train
+    exactly like the unfused plan up to float32 rounding of the reordered sums (one rounding of
+    lr/B per term: relative 1e-6 per step; tolerance 1e-5 after 3 steps)."""
+    from neurosim.kernels import ops as K
+
+    X, Y = _data(24, 20, 5, seed=6)
+    res = {}
+    for fuse in (True, False):
+        net = build_pepita_network((20, 16, 5), dropout=0.0)
+        plan = compile_plan(net.circuit, net.protocol, rules=[PepitaHebbian()],
+                            optimizer=SGD(lr=0.05, momentum=0.9), batch=8, seed=2, fuse=fuse)
+        sgd = [row for row in plan.train.prog if row[0] == K.SGD]
+        assert all((row[4] >= 2) == fuse for row in sgd) and len(sgd) == 2
+        sim = Simulator(plan)
+        sim.train(X, Y)
+        res[fuse] = [sim.weights[w].copy() for w in ("W1", "W2")]
+    for a, b in zip(res[True], res[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
