@@ -294,3 +294,14 @@ def test_resume_needs_no_data_flag_and_finished_run_is_a_noop(tmp_path, data, sc
     assert cli(["run", "--resume", str(out), "--no-progress"]) == 0
     assert (out / "checkpoints" / "epoch-0001.npz").read_bytes() == before
     assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
+def test_scenario_key_reference_is_up_to_date():
+    """docs/scenarios.md is generated from the schemas; a new or changed key must regenerate it
+    (python scripts/scenario_keys.py)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "scenario_keys.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
