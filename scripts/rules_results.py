@@ -435,7 +435,8 @@ def _grad_angle_over_training(runs, order, figs, epochs, plt):
                 n = min(len(v) for _, v in series)
                 t = series[0][0][:n]
                 v = np.mean([v[:n] for _, v in series], axis=0)
-                axes[row, col].plot(t, v, lw=1.2, color=plt.get_cmap("tab20")(rule_i),
+                axes[row, col].plot(t, v, lw=1.2, color=plt.get_cmap("tab20")(
+                    2 * rule_i % 20 + (2 * rule_i // 20)),
                                     label=f"{LABEL[rule]} (n={len(series)})")
                 have = True
                 summary.append(f"{v[t < 1].mean():6.1f} -> {v[t >= epochs - 1].mean():6.1f}")
