@@ -65,3 +65,11 @@ def engine_masks(sim, net, nb):
     if net.circuit.populations[hidden[0]].dropout == 0:
         return [1.0] * len(hidden)
     return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny synthetic MNIST-format data set (tests/_tinyrun.py), one per test module."""
+    from _tinyrun import make_mnist_like
+
+    return make_mnist_like(tmp_path_factory.mktemp("data"))

@@ -17,18 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tinyrun import MNIST, make_mnist_like, write_tiny_scenario
+from _tinyrun import MNIST, write_tiny_scenario
 from neurosim import scenario as sc
 from neurosim.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((REPO / "scenarios").glob("*.toml"))
 METRIC_COLUMNS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_s", "wall_s"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist_like(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

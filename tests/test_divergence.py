@@ -9,17 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from _tinyrun import make_mnist_like, write_tiny_scenario
+from _tinyrun import write_tiny_scenario
 from neurosim import SimulationError, Simulator, compile_plan
 from neurosim import scenario as sc
 from neurosim import training
 from neurosim.cli import main as cli
 from neurosim.models import build_pepita_network
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist_like(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from _tinyrun import make_mnist_like, write_tiny_scenario
+from _tinyrun import write_tiny_scenario
 from neurosim import scenario as sc
 from neurosim import sweep as sw
 from neurosim import training
@@ -16,11 +16,6 @@ from neurosim.cli import main as cli
 PNG = b"\x89PNG\r\n\x1a\n"
 RUN_PLOTS = ["report-learning-curves.png", "report-alignment-angles.png", "report-goodness.png",
              "report-traces.png"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist_like(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tinyrun import make_mnist_like, write_tiny_scenario
+from _tinyrun import write_tiny_scenario
 from neurosim import ValidationError
 from neurosim import scenario as sc
 from neurosim import training
 from neurosim.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist_like(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

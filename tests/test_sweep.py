@@ -22,11 +22,6 @@ from neurosim.cli import main as cli
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist_like(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def scen(tmp_path_factory):
     return write_tiny_scenario(tmp_path_factory.mktemp("scen"), epochs=2)
 
