@@ -43,6 +43,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import NumpyPEPITA  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ["bp", "fa", "dfa", "afa", "pepita", "pepita_wd", "pepita_norm", "pepita_wm",
          "pepita_tl", "pepita_hebbian", "pepita_deep"]
@@ -103,12 +106,7 @@ class NumpyRule:
             F = F @ B
         self.F = F
 
-    @staticmethod
-    def _softmax(z):
-        z = z - z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+    _softmax = staticmethod(NumpyPEPITA._softmax)   # the PEPITA baseline's, shared
 
     def _masks(self, nb):
         keep = 1 - self.p
