@@ -324,7 +324,7 @@ def _euler(ctx, r, drive, code, mask, tmp, alpha):
     return None if _finite(xp, r) else NONFINITE_RATE
 
 
-@_op("AXPY", ("dst:inout", "src:in", "scale:float"), "dst += scale src")
+@_op("AXPY", ("dst:inout", "src:in", "scale:float"), "dst += scale src", defaults=dict(scale=1.0))
 def _axpy(ctx, dst, src, scale):
     dst[...] = dst + np.float32(scale) * src
 
@@ -366,7 +366,7 @@ def _counters(xp, trial, batch, nb, n, row0=0):
      "inverted-dropout mask: dst = Bernoulli(keep) / keep from counter trial*batch*n + row*n + "
      "unit")
 def _mask(ctx, dst, key, keep):
-    from .kernels.rng import uniform01_reference
+    from .rng import uniform01_reference
 
     nb, n = dst.shape
     u = uniform01_reference(int(key), _counters(np, ctx.trial, ctx.batch, nb, n))
@@ -414,14 +414,14 @@ def _sgd(ctx, W, V, dW, style, lr_slot, lr_scale, momentum, wd, limit):
 
 @_op("RECORD", ("src:in", "monitor:mon", "per:int"),
      "record src (a unit range, one row or the batch mean, per the monitor) every `every` steps "
-     "(per 0) or trials (per 1)")
+     "(per 0) or trials (per 1)", defaults=dict(per=1))
 def _record(ctx, src, monitor, per):
     ctx.record(monitor, src, per)
 
 
 @_op("RECORD_STAT", ("src:in", "monitor:mon", "kind:int", "other:opt", "transpose:int"),
      "record a statistic every `every` trials: kind 0 = Frobenius norm of src; kind 1 = angle "
-     "(degrees) between src and other (or other^T)")
+     "(degrees) between src and other (or other^T)", defaults=dict(kind=0, transpose=0))
 def _record_stat(ctx, src, monitor, kind, other, transpose):
     xp = ctx.xp
     a = astype(xp, src, xp.float64)
@@ -465,7 +465,7 @@ def _embed_label(ctx, dst, source, labels, ncls, on, off):
 @_op("WRONG_LABEL", ("dst:out", "key:key", "ncls:int"),
      "dst[b, 0] = a label != Y[b], uniform over the ncls - 1 others (counter trial*batch + b)")
 def _wrong_label(ctx, dst, key, ncls):
-    from .kernels.rng import uniform01_reference
+    from .rng import uniform01_reference
 
     nb = dst.shape[0]
     c = np.uint64(ctx.trial) * np.uint64(ctx.batch) + np.arange(nb, dtype=np.uint64)
@@ -489,7 +489,8 @@ def _apply(ctx, dst, src, code):
     dst[...] = f_ref(ctx.xp, code, src)
 
 
-@_op("ROW_SUMSQ", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]^2")
+@_op("ROW_SUMSQ", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]^2",
+     defaults=dict(scale=1.0))
 def _row_sumsq(ctx, dst, src, scale):
     dst[:, 0] = np.float32(scale) * ctx.xp.sum(src * src, axis=1)
 
@@ -524,7 +525,7 @@ def _col_mean(ctx, dst, src, alpha, beta):
      "dst[b, 0] = a label != Y[b] drawn in proportion to max(probs[b], 0) over the other "
      "classes (uniform if they carry no mass); counter trial*batch + b")
 def _sample_wrong(ctx, dst, probs, key):
-    from .kernels.rng import uniform01_reference
+    from .rng import uniform01_reference
 
     p = _to_numpy(probs).astype(np.float64)
     y = _to_numpy(ctx.Y)
@@ -557,7 +558,7 @@ def sample_excluding_reference(p, lab, u):
 @_op("GAUSS", ("dst:out", "key:key", "scale:float"),
      "dst = scale N(0, 1), counter trial*batch*n + row*n + unit (Box-Muller)")
 def _gauss(ctx, dst, key, scale):
-    from .kernels.rng import normal01_reference
+    from .rng import normal01_reference
 
     nb, n = dst.shape
     z = normal01_reference(int(key), _counters(np, ctx.trial, ctx.batch, nb, n))
@@ -577,25 +578,27 @@ def _div(ctx, dst, x, y):
 
 @_op("UNARY", ("dst:out", "src:in", "fn:code", "p:float"),
      "dst = fn(src) for fn in UNARY_CODES (sqrt, rsqrt, exp, log, abs, step, recip, square, "
-     "pow p)")
+     "pow p)", defaults=dict(p=0.0))
 def _unary(ctx, dst, src, fn, p):
     dst[...] = unary_ref(ctx.xp, fn, src, p)
 
 
-@_op("ROW_SUM", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]")
+@_op("ROW_SUM", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]",
+     defaults=dict(scale=1.0))
 def _row_sum(ctx, dst, src, scale):
     dst[:, 0] = np.float32(scale) * ctx.xp.sum(src, axis=1)
 
 
 @_op("COL_SUM", ("dst:out", "src:in", "scale:float", "per_row:float"),
      "dst[0, j] = (scale + per_row / rows(src)) sum_b src[b, j] (per_row: a mean over the "
-     "minibatch's rows, nb at run time)")
+     "minibatch's rows, nb at run time)", defaults=dict(scale=0.0, per_row=0.0))
 def _col_sum(ctx, dst, src, scale, per_row):
     f = np.float32(scale + per_row / src.shape[0])
     dst[0, :] = f * ctx.xp.sum(src, axis=0)
 
 
-@_op("SUM", ("dst:out", "src:in", "scale:float"), "dst[0, 0] = scale sum_ij src[i, j]")
+@_op("SUM", ("dst:out", "src:in", "scale:float"), "dst[0, 0] = scale sum_ij src[i, j]",
+     defaults=dict(scale=1.0))
 def _sum(ctx, dst, src, scale):
     dst[0, 0] = np.float32(scale) * ctx.xp.sum(src)
 
@@ -621,6 +624,30 @@ def _scale_by(ctx, dst, s, alpha):
      "population (inference programs write the output population's rates here)")
 def _output(ctx, src):
     ctx.out[ctx.row0:ctx.row0 + src.shape[0], :] = src
+
+
+def encode(name: str, **operands) -> tuple[list, list]:
+    """One instruction of op ``name`` with its operands by name (defaults from the table; an
+    absent optional buffer is -1): ``(prog row of 8 ints, fprm row of 6 floats)``. Raises
+    ``KeyError`` for an unknown op and ``ValueError`` for missing or unknown operands."""
+    spec = OPS[name]
+    ints, floats = [spec.code] + [0] * 7, [0.0] * 6
+    given = dict(spec.defaults)
+    given.update(operands)
+    for o in spec.operands:
+        if o.name not in given:
+            if o.role != "opt":
+                raise ValueError(f"op {name}: operand {o.name!r} missing")
+            given[o.name] = -1
+        v = given.pop(o.name)
+        if o.is_float:
+            floats[o.col] = float(v)
+        else:
+            ints[o.col] = int(v)
+    if given:
+        raise ValueError(f"op {name}: unknown operands {sorted(given)}; it takes "
+                         f"{[o.name for o in spec.operands]}")
+    return ints, floats
 
 
 def numba_columns() -> dict:
