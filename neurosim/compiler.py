@@ -451,6 +451,37 @@ class PlanBuilder:
         self.op("LOAD_SCALAR", f"scalar slot {name!r}", dst=buf, slot=s)
         return Buf(self, buf)
 
+    def record_angle(self, monitor: int, a, b, transpose: bool = False) -> None:
+        """Record, every ``every`` trials of monitor ``monitor``, the angle (degrees) between
+        buffers (or handles) ``a`` and ``b`` (``b.T`` with ``transpose``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        b = b.index if isinstance(b, Buf) else int(b)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=1, other=b,
+                transpose=int(transpose))
+
+    def record_norm(self, monitor: int, a) -> None:
+        """Record the Frobenius norm of buffer (or handle) ``a`` every ``every`` trials."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=0)
+
+    def record(self, monitor: int, a, per: str = "trial") -> None:
+        """Record the rows of buffer (or handle) ``a`` (the monitor's unit range, sample or
+        batch mean) every ``every`` trials (``per="trial"``) or time steps (``"step"``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD", f"monitor {monitor}", src=a, monitor=monitor,
+                per=0 if per == "step" else 1)
+
+    def let(self, expr, where: str = "") -> Expr:
+        """Compute ``expr`` here, once, into a temporary; returns its handle (for a value used
+        more than once, e.g. a backpropagated error that feeds both an update and the next
+        layer)."""
+        expr = _as_expr(self, expr)
+        if isinstance(expr, Buf):
+            return expr
+        dst = self.temp(expr.rows, expr.cols, expr.batch)
+        emit_into(dst, expr, where)
+        return Buf(self, dst)
+
     def update(self, proj: str, expr, where: str | None = None) -> None:
         """Add ``expr`` (post x pre) to projection ``proj``'s summed update ``dW`` (descent
         direction: the optimizer applies ``W -= lr dW / B``). In a ``<phase>:loop`` section the
