@@ -99,10 +99,6 @@ class Plan:
     def names_of_kind(self, *kinds) -> list:
         return [n for n, k in self.buffer_kind.items() if k in kinds]
 
-    @property
-    def mem(self):   # the pre-v2 name of the initial arena (read-only)
-        return self.init_mem
-
 
 def _as_expr(pb, e):
     if isinstance(e, Expr):

@@ -372,6 +372,8 @@ def _write(dst, coef, t, where):
     elif isinstance(t, MatMul):
         emit_into(dst, t, where)
         return
+    elif isinstance(t, Transposed):
+        raise CompileError(f"{where}: a transpose (.T) can only be an operand of @")
     else:
         raise CompileError(f"{where}: cannot lower {t!r}")
     if coef != 1.0:
