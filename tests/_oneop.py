@@ -930,6 +930,161 @@ def _c_output(rng, mode):
     return Case(p, run, {}, check=check, nb=nb)
 
 
+# ---- multi-instruction programs (blocks, guards, steps, monitors, failures) -------------------
+PROGRAMS = {}
+
+
+def program(name):
+    def deco(fn):
+        PROGRAMS[name] = fn
+        return fn
+    return deco
+
+
+def _no_data(n_trials=1, trial0=0, step0=0):
+    z = np.zeros((1, 1), np.float32)
+    return Run(z, np.zeros(1, np.int64), z, np.zeros(0, np.int64), n_trials=n_trials,
+               trial0=trial0, step0=step0)
+
+
+def _rows_data(n, d, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, d), dtype=np.float32)
+    Y = rng.integers(0, 3, size=n).astype(np.int64)
+    return Run(X, Y, np.zeros((1, 1), np.float32), np.arange(n, dtype=np.int64))
+
+
+@program("guard")
+def _p_guard():
+    """GUARD(every 3, skip 2), two counters it guards, one it does not; trials 4..13."""
+    p = Prog()
+    p.buf("one", 1, 1, False, [[1.0]])
+    p.buf("a", 1, 1)
+    p.buf("b", 1, 1)
+    p.buf("c", 1, 1)
+    p.op("GUARD", every=3, skip=2)
+    p.op("AXPY", dst="a", src="one", scale=1.0)
+    p.op("AXPY", dst="b", src="one", scale=2.0)
+    p.op("AXPY", dst="c", src="one", scale=1.0)
+    return p, _no_data(n_trials=10, trial0=4)
+
+
+@program("loops")
+def _p_loops():
+    """Block 0, a loop block of 3 repeats counting in n with a per-step monitor (every 2),
+    block 2 with a per-trial monitor; trials 5, 6 from step 10."""
+    p = Prog()
+    p.buf("one", 1, 1, False, [[1.0]])
+    p.buf("n", 1, 1)
+    p.buf("pre", 1, 1)
+    p.buf("post", 1, 1)
+    ms = p.monitor(1, 20, 2)
+    mt = p.monitor(1, 20, 1)
+    p.op("AXPY", dst="pre", src="n", scale=1.0)        # 0: block 0
+    p.op("AXPY", dst="n", src="one", scale=1.0)        # 1: block 1 (loop x 3)
+    p.op("RECORD", src="n", monitor=ms, per=0)         # 2
+    p.op("AXPY", dst="post", src="n", scale=1.0)       # 3: block 2
+    p.op("RECORD", src="n", monitor=mt, per=1)         # 4
+    p.block(0, 1)
+    p.block(1, 3, repeat=3, loop=True)
+    p.block(3, 5)
+    return p, _no_data(n_trials=2, trial0=5, step0=10)
+
+
+@program("short")
+def _p_short():
+    """11 shuffled rows in minibatches of 4 (the last has 3): GATHER, OUTPUT, COL_SUM into an
+    accumulator, a batch-mean monitor and a 1/nb-scaled SGD step."""
+    run = _rows_data(11, 3, seed=2)
+    run.order = np.random.default_rng(3).permutation(11).astype(np.int64)
+    run.n_trials, run.out_cols = 3, 3
+    p = Prog(batch=4)
+    p.buf("x", 4, 3, True)
+    p.buf("tot", 1, 3)
+    p.buf("last", 1, 3)
+    p.buf("w", 1, 1, False, [[0.0]])
+    p.buf("g", 1, 1, False, [[1.0]])
+    p.buf("v", 1, 1)
+    m = p.monitor(3, 3, 1)
+    p.op("GATHER", dst="x", source=0)
+    p.op("OUTPUT", src="x")
+    p.op("COL_SUM", dst="last", src="x", scale=1.0)
+    p.op("AXPY", dst="tot", src="last", scale=1.0)
+    p.op("RECORD", src="x", monitor=m, per=1)
+    p.op("SGD", W="w", V="v", dW="g", style=1, lr_slot=-1, lr_scale=1.0, momentum=0.0,
+         wd=0.0, limit=1e9)
+    return p, run
+
+
+@program("capacity")
+def _p_capacity():
+    """Units 1..2 of sample row 1 every 2 trials into a monitor of capacity 2, over 6
+    minibatches of 4; a second monitor nothing records into."""
+    run = _rows_data(8, 4, seed=4)
+    run.n_trials = 6
+    run.order = np.arange(24, dtype=np.int64) % 8
+    p = Prog(batch=4)
+    p.buf("x", 4, 4, True)
+    m0 = p.monitor(2, 2, 2, u0=1, sample=1)
+    p.monitor(1, 2, 1)
+    p.op("GATHER", dst="x", source=0)
+    p.op("RECORD", src="x", monitor=m0, per=1)
+    return p, run
+
+
+@program("failing")
+def _p_failing(k=8):
+    """A loop block (2 repeats) counts its repeats in cnt and sets z = (cnt - k) / (cnt - k):
+    1, but NaN (0/0) at the k-th repeat overall; TRANSFER(relu) of z then fails. 6 trials."""
+    p = Prog()
+    p.buf("one", 1, 1, False, [[1.0]])
+    p.buf("k", 1, 1, False, [[float(k)]])
+    p.buf("cnt", 1, 1)
+    p.buf("e", 1, 1)
+    p.buf("z", 1, 1)
+    p.buf("r", 1, 1)
+    p.buf("after", 1, 1)
+    p.op("NOP")                                         # 0  block 0
+    p.op("AXPY", dst="cnt", src="one", scale=1.0)       # 1  block 1 (loop x 2)
+    p.op("SUB", dst="e", x="cnt", y="k")                # 2
+    p.op("DIV", dst="z", x="e", y="e")                  # 3
+    p.op("TRANSFER", r="r", drive="z", code=RELU)       # 4  NaN stays NaN through relu
+    p.op("AXPY", dst="after", src="one", scale=1.0)     # 5
+    p.block(0, 1)
+    p.block(1, 6, repeat=2, loop=True)
+    return p, _no_data(n_trials=6)
+
+
+def sgd_program(w0, limit):
+    """One SGD step (style 0, lr 0.1, no gradient) on W = w0 with a runaway limit."""
+    p = Prog()
+    p.buf("W", 1, len(w0), False, [w0])
+    p.buf("V", 1, len(w0))
+    p.buf("dW", 1, len(w0))
+    p.op("SGD", W="W", V="V", dW="dW", style=0, lr_slot=-1, lr_scale=0.1, momentum=0.0,
+         wd=0.0, limit=limit)
+    return p, _no_data()
+
+
+for _i, _w in enumerate(([1.0, -2.0], [1.0, -4.0], [np.inf, 9.0], [np.nan, 1.0])):
+    PROGRAMS[f"sgd_status_{_i}"] = (lambda w=_w: sgd_program(w, 3.0))
+
+
+@program("mask_edge")
+def _p_mask_edge():
+    """MASK with keep = (a drawn uniform u) + 1e-12: float32(keep) == u, yet u < keep."""
+    key, n = 12345, 6
+    u = uniform(key, np.arange(B * n, dtype=np.uint64))
+    keep = float(u[int(np.argmax(u))]) + 1e-12
+    assert float(np.float32(keep)) == float(u.max())
+    p = Prog()
+    p.buf("m", B, n, False)
+    p.op("MASK", dst="m", key=0, keep=keep)
+    run = _no_data()
+    run.keys = np.array([key], np.uint64)
+    return p, run
+
+
 def make_case(op, seed, mode) -> Case:
     rng = np.random.default_rng([seed, OPS[op].code, MODES.index(mode)])
     return CASES[op](rng, mode)
@@ -962,5 +1117,5 @@ def all_ops():
     return [s.name for s in BY_CODE]
 
 
-__all__ = ["B", "MODES", "Prog", "Run", "Case", "CASES", "execute", "make_case", "check_case",
-           "all_ops", "U", "col"]
+__all__ = ["B", "MODES", "Prog", "Run", "Case", "CASES", "PROGRAMS", "execute", "make_case",
+           "check_case", "sgd_program", "all_ops", "U", "col"]

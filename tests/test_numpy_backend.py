@@ -20,11 +20,12 @@ from pathlib import Path
 import array_api_strict
 import numpy as np
 import pytest
-from _oneop import (B, CASES, MODES, Prog, Run, all_ops, check_case, execute, make_case)
+from _oneop import (CASES, MODES, PROGRAMS, Prog, all_ops, check_case, execute, make_case,
+                    sgd_program)
 
 from neurosim.backends.numpy_backend import run_trials
 from neurosim.errors import ValidationError
-from neurosim.optable import (NONFINITE_RATE, NONFINITE_WEIGHT, OK, OPS, RELU, WEIGHT_RUNAWAY,
+from neurosim.optable import (NONFINITE_RATE, NONFINITE_WEIGHT, OK, OPS, WEIGHT_RUNAWAY,
                               counter_normal01, counter_uniform01)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,28 +69,10 @@ def test_counter_rng_twins_match_the_kernels():
 
 
 # ---- program-level tests -------------------------------------------------------------------
-def _data(n=11, d=3, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.random((n, d), dtype=np.float32)
-    Y = rng.integers(0, 3, size=n).astype(np.int64)
-    return Run(X, Y, np.zeros((1, 1), np.float32), np.arange(n, dtype=np.int64))
-
-
 def test_guard_skips_unless_trial_divides():
-    """GUARD(every 3, skip 2) before two counters: they count the trials divisible by 3; the
-    instruction after the skipped ones always runs."""
-    p = Prog()
-    p.buf("one", 1, 1, False, [[1.0]])
-    p.buf("a", 1, 1)
-    p.buf("b", 1, 1)
-    p.buf("c", 1, 1)
-    p.op("GUARD", every=3, skip=2)
-    p.op("AXPY", dst="a", src="one", scale=1.0)
-    p.op("AXPY", dst="b", src="one", scale=2.0)
-    p.op("AXPY", dst="c", src="one", scale=1.0)
-    run = _data(n=0)
-    run.order = np.zeros(0, np.int64)
-    run.trial0, run.n_trials = 4, 10           # trials 4..13: 6, 9, 12
+    """GUARD(every 3, skip 2) before two counters: they count the trials divisible by 3 of
+    trials 4..13 (6, 9, 12); the instruction after the skipped ones always runs."""
+    p, run = PROGRAMS["guard"]()
     res = execute(run_trials, p, run)
     assert res.status == OK
     assert res.get("a")[0, 0] == 3 and res.get("b")[0, 0] == 6 and res.get("c")[0, 0] == 10
@@ -98,24 +81,7 @@ def test_guard_skips_unless_trial_divides():
 def test_blocks_loops_and_steps():
     """Blocks run in order each trial; a loop block's repeats each advance the step counter
     first (from step0, across trials); RECORD per step sees the step, per trial the trial."""
-    p = Prog()
-    p.buf("one", 1, 1, False, [[1.0]])
-    p.buf("n", 1, 1)
-    p.buf("pre", 1, 1)
-    p.buf("post", 1, 1)
-    ms = p.monitor(1, 20, 2)                   # per step, every 2 steps
-    mt = p.monitor(1, 20, 1)                   # per trial, every trial
-    p.op("AXPY", dst="pre", src="n", scale=1.0)        # 0: block 0
-    p.op("AXPY", dst="n", src="one", scale=1.0)        # 1: block 1 (loop x 3)
-    p.op("RECORD", src="n", monitor=ms, per=0)         # 2
-    p.op("AXPY", dst="post", src="n", scale=1.0)       # 3: block 2
-    p.op("RECORD", src="n", monitor=mt, per=1)         # 4
-    p.block(0, 1)
-    p.block(1, 3, repeat=3, loop=True)
-    p.block(3, 5)
-    run = _data(n=0)
-    run.order = np.zeros(0, np.int64)
-    run.trial0, run.step0, run.n_trials = 5, 10, 2
+    p, run = PROGRAMS["loops"]()
     res = execute(run_trials, p, run)
     assert res.status == OK
     # trial 5: steps 11, 12, 13 (n = 1, 2, 3); trial 6: steps 14, 15, 16 (n = 4, 5, 6)
@@ -131,28 +97,12 @@ def test_blocks_loops_and_steps():
 def test_short_last_minibatch():
     """11 rows in minibatches of 4: the third has 3 rows; batch-shaped buffers take nb rows,
     GATHER and OUTPUT see the right rows, a batch mean divides by nb, 1/nb scales updates."""
-    run = _data(n=11, d=3, seed=2)
-    run.order = np.random.default_rng(3).permutation(11).astype(np.int64)
-    run.n_trials, run.out_cols = 3, 3
-    p = Prog(batch=4)
-    p.buf("x", 4, 3, True)
-    p.buf("tot", 1, 3)
-    p.buf("last", 1, 3)
-    p.buf("w", 1, 1, False, [[0.0]])
-    p.buf("g", 1, 1, False, [[1.0]])
-    p.buf("v", 1, 1)
-    m = p.monitor(3, 3, 1)
-    p.op("GATHER", dst="x", source=0)
-    p.op("OUTPUT", src="x")
-    p.op("COL_SUM", dst="last", src="x", scale=1.0)
-    p.op("AXPY", dst="tot", src="last", scale=1.0)
-    p.op("RECORD", src="x", monitor=m, per=1)
-    p.op("SGD", W="w", V="v", dW="g", style=1, lr_slot=-1, lr_scale=1.0, momentum=0.0,
-         wd=0.0, limit=1e9)
+    p, run = PROGRAMS["short"]()
     res = execute(run_trials, p, run)
     assert res.status == OK
     rows = run.X[run.order].astype(np.float64)
     np.testing.assert_array_equal(res.out, run.X[run.order])
+    # sums of <= 11 terms in [0, 1): within 11 U sum|x| <= 1e-6 relative
     np.testing.assert_allclose(res.get("tot")[0], rows.sum(axis=0), rtol=1e-6)
     np.testing.assert_allclose(res.get("last")[0], rows[8:].sum(axis=0), rtol=1e-6)
     means = [rows[0:4].mean(0), rows[4:8].mean(0), rows[8:11].mean(0)]
@@ -166,15 +116,7 @@ def test_short_last_minibatch():
 def test_record_sample_row_units_and_capacity():
     """A monitor of units 1..2 of sample row 1, every 2 trials, capacity 2: trials 0 and 2
     are recorded, trial 4 finds it full; another monitor stays untouched."""
-    run = _data(n=8, d=4, seed=4)
-    run.n_trials = 6
-    run.order = np.arange(8 * 4 // 4 * 3, dtype=np.int64) % 8     # 24 rows: 6 minibatches of 4
-    p = Prog(batch=4)
-    p.buf("x", 4, 4, True)
-    m0 = p.monitor(2, 2, 2, u0=1, sample=1)
-    p.monitor(1, 2, 1)
-    p.op("GATHER", dst="x", source=0)
-    p.op("RECORD", src="x", monitor=m0, per=1)
+    p, run = PROGRAMS["capacity"]()
     res = execute(run_trials, p, run)
     assert res.status == OK
     assert res.rec_cnt.tolist() == [2, 0]
@@ -184,35 +126,10 @@ def test_record_sample_row_units_and_capacity():
     assert np.isnan(res.rec[4:]).all() and (res.stamps[4:] == -1).all()
 
 
-def _failing_program(k):
-    """A loop block (2 repeats) counts its repeats in cnt and sets z = (cnt - k) / (cnt - k):
-    1, but NaN (0/0) at the k-th repeat overall; TRANSFER(relu) of z then fails."""
-    p = Prog()
-    p.buf("one", 1, 1, False, [[1.0]])
-    p.buf("k", 1, 1, False, [[float(k)]])
-    p.buf("cnt", 1, 1)
-    p.buf("e", 1, 1)
-    p.buf("z", 1, 1)
-    p.buf("r", 1, 1)
-    p.buf("after", 1, 1)
-    p.op("NOP")                                         # 0  block 0
-    p.op("AXPY", dst="cnt", src="one", scale=1.0)       # 1  block 1 (loop x 2)
-    p.op("SUB", dst="e", x="cnt", y="k")                # 2
-    p.op("DIV", dst="z", x="e", y="e")                  # 3
-    p.op("TRANSFER", r="r", drive="z", code=RELU)       # 4  NaN stays NaN through relu
-    p.op("AXPY", dst="after", src="one", scale=1.0)     # 5
-    p.block(0, 1)
-    p.block(1, 6, repeat=2, loop=True)
-    return p
-
-
 def test_failing_op_stops_the_call_with_status_and_info():
     """The 8th repeat is trial 3's second: the call stops there with NONFINITE_RATE and info
     (instruction 4, repeat 1, trial 3, block 1); nothing after the failing op runs."""
-    p = _failing_program(8)
-    run = _data(n=0)
-    run.order = np.zeros(0, np.int64)
-    run.n_trials = 6
+    p, run = PROGRAMS["failing"]()
     with np.errstate(invalid="ignore"):
         res = execute(run_trials, p, run)
     assert res.status == NONFINITE_RATE
@@ -222,39 +139,24 @@ def test_failing_op_stops_the_call_with_status_and_info():
     assert res.get("after")[0, 0] == 7
 
 
-def test_sgd_statuses():
-    """SGD reports a non-finite weight before a runaway one, and a runaway |W| > limit."""
-    def run_sgd(w0, limit):
-        p = Prog()
-        p.buf("W", 1, 2, False, [w0])
-        p.buf("V", 1, 2)
-        p.buf("dW", 1, 2)
-        p.op("SGD", W="W", V="V", dW="dW", style=0, lr_slot=-1, lr_scale=0.1, momentum=0.0,
-             wd=0.0, limit=limit)
-        run = _data(n=0)
-        run.order = np.zeros(0, np.int64)
-        return execute(run_trials, p, run)
-    assert run_sgd([1.0, -2.0], 3.0).status == OK
-    r = run_sgd([1.0, -4.0], 3.0)
-    assert r.status == WEIGHT_RUNAWAY and r.info.tolist() == [0, 0, 0, 0]
-    assert run_sgd([np.inf, 9.0], 3.0).status == NONFINITE_WEIGHT
-    assert run_sgd([np.nan, 1.0], 3.0).status == NONFINITE_WEIGHT
+@pytest.mark.parametrize("w0, status", [([1.0, -2.0], OK), ([1.0, -4.0], WEIGHT_RUNAWAY),
+                                        ([np.inf, 9.0], NONFINITE_WEIGHT),
+                                        ([np.nan, 1.0], NONFINITE_WEIGHT)])
+def test_sgd_statuses(w0, status):
+    """SGD (limit 3) reports a runaway |W| > limit, and a non-finite weight before a runaway
+    one."""
+    p, run = sgd_program(w0, 3.0)
+    with np.errstate(invalid="ignore"):
+        r = execute(run_trials, p, run)
+    assert r.status == status
+    if status != OK:
+        assert r.info.tolist() == [0, 0, 0, 0]
 
 
 def test_mask_compares_keep_in_float64():
     """A uniform draw equal to float32(keep) < keep (float64) is kept, as in the compiled
     kernel: keep is not rounded to float32 before the comparison."""
-    key, n = 12345, 6
-    u = counter_uniform01(key, np.arange(B * n, dtype=np.uint64))
-    k = int(np.argmax(u))
-    keep = float(u[k]) + 1e-12          # float32(keep) == u[k], float64 keep > u[k]
-    assert np.float32(keep) == u[k]
-    p = Prog()
-    p.buf("m", B, n, False)
-    p.op("MASK", dst="m", key=0, keep=keep)
-    run = _data(n=0)
-    run.order = np.zeros(0, np.int64)
-    run.keys = np.array([key], np.uint64)
+    p, run = PROGRAMS["mask_edge"]()
     res = execute(run_trials, p, run)
     assert (res.get("m") > 0).all()
 
