@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .rng import normal01_reference, uniform01_reference
+
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
 NONFINITE_RATE = 1
@@ -339,7 +341,7 @@ def _euler(ctx, r, drive, code, mask, tmp, alpha):
     return None if _finite(xp, r) else NONFINITE_RATE
 
 
-@_op("AXPY", ("dst:inout", "src:in", "scale:float"), "dst += scale src")
+@_op("AXPY", ("dst:inout", "src:in", "scale:float"), "dst += scale src", defaults=dict(scale=1.0))
 def _axpy(ctx, dst, src, scale):
     dst[...] = dst + float(scale) * src
 
@@ -372,33 +374,6 @@ def _onehot(ctx, dst, on, off):
     dst[...] = xp.where(ctx.Y[:, None] == cls, _f32(xp, on), _f32(xp, off))
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def counter_uniform01(key: int, counters) -> np.ndarray:
-    """float32 uniforms in [0, 1), a pure function of ``(key, counter)`` (SplitMix64
-    finaliser): the numpy twin of :func:`neurosim.kernels.rng.uniform01`, here so that the
-    reference semantics need no numba."""
-    with np.errstate(over="ignore"):
-        c = np.asarray(counters).astype(np.uint64)
-        z = np.uint64(key) + (c + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
-
-
-def counter_normal01(key: int, counters) -> np.ndarray:
-    """float32 standard normals from ``(key, counter)``: Box-Muller in float64 on the uniforms
-    of counters ``2 c`` and ``2 c + 1`` (twin of :func:`neurosim.kernels.rng.normal01`)."""
-    c = np.asarray(counters).astype(np.uint64)
-    u1 = 1.0 - counter_uniform01(key, np.uint64(2) * c).astype(np.float64)
-    u2 = counter_uniform01(key, np.uint64(2) * c + np.uint64(1)).astype(np.float64)
-    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
-
-
 def _counters(trial, batch, nb, n, row0=0):
     """Counters ``trial*batch*n + (row0 + b)*n + j`` of an (nb, n) block (host uint64)."""
     base = np.uint64(trial) * np.uint64(batch * n) + np.uint64(row0 * n)
@@ -410,7 +385,7 @@ def _counters(trial, batch, nb, n, row0=0):
      "unit")
 def _mask(ctx, dst, key, keep):
     nb, n = dst.shape
-    u = counter_uniform01(key, _counters(ctx.trial, ctx.batch, nb, n))
+    u = uniform01_reference(key, _counters(ctx.trial, ctx.batch, nb, n))
     inv = np.float32(1.0 / keep)
     # compared in float64 like the compiled kernel (u < float32(keep) differs when u is the
     # float32 rounding of keep)
@@ -457,7 +432,7 @@ def _sgd(ctx, W, V, dW, style, lr_slot, lr_scale, momentum, wd, limit):
 
 @_op("RECORD", ("src:in", "monitor:mon", "per:int"),
      "record src (a unit range, one row or the batch mean, per the monitor) every `every` steps "
-     "(per 0) or trials (per 1)")
+     "(per 0) or trials (per 1)", defaults=dict(per=1))
 def _record(ctx, src, monitor, per):
     if ctx.due(monitor, per):
         ctx.record(monitor, src)
@@ -465,7 +440,7 @@ def _record(ctx, src, monitor, per):
 
 @_op("RECORD_STAT", ("src:in", "monitor:mon", "kind:int", "other:opt", "transpose:int"),
      "record a statistic every `every` trials: kind 0 = Frobenius norm of src; kind 1 = angle "
-     "(degrees) between src and other (or other^T)")
+     "(degrees) between src and other (or other^T)", defaults=dict(kind=0, transpose=0))
 def _record_stat(ctx, src, monitor, kind, other, transpose):
     if not ctx.due(monitor, 1):
         return
@@ -513,7 +488,7 @@ def _embed_label(ctx, dst, source, labels, ncls, on, off):
 def _wrong_label(ctx, dst, key, ncls):
     nb = dst.shape[0]
     c = np.uint64(ctx.trial) * np.uint64(ctx.batch) + np.arange(nb, dtype=np.uint64)
-    u = counter_uniform01(key, c)
+    u = uniform01_reference(key, c)
     k = np.minimum((u.astype(np.float64) * (ncls - 1)).astype(np.int64), ncls - 2)
     y = to_numpy(ctx.Y)
     dst[:, 0] = ctx.xp.asarray(np.where(k < y, k, k + 1).astype(np.float32))
@@ -533,7 +508,8 @@ def _apply(ctx, dst, src, code):
     dst[...] = f_ref(ctx.xp, code, src)
 
 
-@_op("ROW_SUMSQ", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]^2")
+@_op("ROW_SUMSQ", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]^2",
+     defaults=dict(scale=1.0))
 def _row_sumsq(ctx, dst, src, scale):
     dst[:, 0] = float(scale) * ctx.xp.sum(src * src, axis=1)
 
@@ -572,7 +548,7 @@ def _sample_wrong(ctx, dst, probs, key):
     y = to_numpy(ctx.Y)
     nb, n = p.shape
     c = np.uint64(ctx.trial) * np.uint64(ctx.batch) + np.arange(nb, dtype=np.uint64)
-    u = counter_uniform01(key, c)
+    u = uniform01_reference(key, c)
     out = np.empty(nb, np.float32)
     for b in range(nb):
         out[b] = sample_excluding_reference(p[b], int(y[b]), float(u[b]))
@@ -600,7 +576,7 @@ def sample_excluding_reference(p, lab, u):
      "dst = scale N(0, 1), counter trial*batch*n + row*n + unit (Box-Muller)")
 def _gauss(ctx, dst, key, scale):
     nb, n = dst.shape
-    z = counter_normal01(key, _counters(ctx.trial, ctx.batch, nb, n))
+    z = normal01_reference(key, _counters(ctx.trial, ctx.batch, nb, n))
     dst[...] = ctx.xp.asarray(np.float32(scale) * z)
 
 
@@ -617,25 +593,27 @@ def _div(ctx, dst, x, y):
 
 @_op("UNARY", ("dst:out", "src:in", "fn:code", "p:float"),
      "dst = fn(src) for fn in UNARY_CODES (sqrt, rsqrt, exp, log, abs, step, recip, square, "
-     "pow p)")
+     "pow p)", defaults=dict(p=0.0))
 def _unary(ctx, dst, src, fn, p):
     dst[...] = unary_ref(ctx.xp, fn, src, p)
 
 
-@_op("ROW_SUM", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]")
+@_op("ROW_SUM", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]",
+     defaults=dict(scale=1.0))
 def _row_sum(ctx, dst, src, scale):
     dst[:, 0] = float(scale) * ctx.xp.sum(src, axis=1)
 
 
 @_op("COL_SUM", ("dst:out", "src:in", "scale:float", "per_row:float"),
      "dst[0, j] = (scale + per_row / rows(src)) sum_b src[b, j] (per_row: a mean over the "
-     "minibatch's rows, nb at run time)")
+     "minibatch's rows, nb at run time)", defaults=dict(scale=0.0, per_row=0.0))
 def _col_sum(ctx, dst, src, scale, per_row):
     f = float(scale + per_row / src.shape[0])
     dst[0, :] = f * ctx.xp.sum(src, axis=0)
 
 
-@_op("SUM", ("dst:out", "src:in", "scale:float"), "dst[0, 0] = scale sum_ij src[i, j]")
+@_op("SUM", ("dst:out", "src:in", "scale:float"), "dst[0, 0] = scale sum_ij src[i, j]",
+     defaults=dict(scale=1.0))
 def _sum(ctx, dst, src, scale):
     dst[0, 0] = float(scale) * ctx.xp.sum(src)
 
@@ -661,6 +639,30 @@ def _scale_by(ctx, dst, s, alpha):
      "population (inference programs write the output population's rates here)")
 def _output(ctx, src):
     ctx.out[ctx.row0:ctx.row0 + src.shape[0], :] = src
+
+
+def encode(name: str, **operands) -> tuple[list, list]:
+    """One instruction of op ``name`` with its operands by name (defaults from the table; an
+    absent optional buffer is -1): ``(prog row of 8 ints, fprm row of 6 floats)``. Raises
+    ``KeyError`` for an unknown op and ``ValueError`` for missing or unknown operands."""
+    spec = OPS[name]
+    ints, floats = [spec.code] + [0] * 7, [0.0] * 6
+    given = dict(spec.defaults)
+    given.update(operands)
+    for o in spec.operands:
+        if o.name not in given:
+            if o.role != "opt":
+                raise ValueError(f"op {name}: operand {o.name!r} missing")
+            given[o.name] = -1
+        v = given.pop(o.name)
+        if o.is_float:
+            floats[o.col] = float(v)
+        else:
+            ints[o.col] = int(v)
+    if given:
+        raise ValueError(f"op {name}: unknown operands {sorted(given)}; it takes "
+                         f"{[o.name for o in spec.operands]}")
+    return ints, floats
 
 
 def numba_columns() -> dict:

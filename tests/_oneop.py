@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import erf
 
-from neurosim.kernels.rng import normal01_reference, uniform01_reference
 from neurosim.optable import (BY_CODE, ERF, IDENTITY, OPS, RELU, RMS_EPS, RMS_NORM, SIGMOID,
                               SOFTMAX, TANH, UNARY_CODES, col)
 
@@ -266,8 +265,32 @@ TRANSFER_LIST = [IDENTITY, RELU, TANH, SIGMOID, ERF, SOFTMAX, RMS_NORM + IDENTIT
                  RMS_NORM + RELU, RMS_NORM + TANH, RMS_NORM + SIGMOID, RMS_NORM + ERF]
 
 
+_M64 = (1 << 64) - 1
+
+
+def _splitmix_u01(key, c):
+    """The counter-based uniform of the op table (SplitMix64 finaliser of key + (c + 1) *
+    golden ratio; the top 24 bits / 2^24), here in Python integers."""
+    z = (key + (c + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z ^= z >> 31
+    return (z >> 40) / float(1 << 24)          # exact in float32
+
+
 def uniform(key, counters):
-    return uniform01_reference(int(key), np.asarray(counters, np.uint64))
+    """float32 uniforms of ``counters`` (any shape)."""
+    c = np.asarray(counters, np.uint64)
+    return np.array([_splitmix_u01(int(key), int(v)) for v in c.ravel()],
+                    np.float32).reshape(c.shape)
+
+
+def normal(key, counters):
+    """float64 Box-Muller normals on the uniforms of counters 2c and 2c + 1."""
+    c = np.asarray(counters, np.uint64)
+    z = [math.sqrt(-2.0 * math.log(1.0 - _splitmix_u01(int(key), 2 * int(v))))
+         * math.cos(2.0 * math.pi * _splitmix_u01(int(key), 2 * int(v) + 1)) for v in c.ravel()]
+    return np.array(z, np.float64).reshape(c.shape)
 
 
 # ---- one case per op ---------------------------------------------------------------------------
@@ -279,6 +302,8 @@ class Case:
     status: int = 0
     check: object = None           # callable(Result) for monitors and out
     nb: int = B
+    scratch: tuple = ()            # buffers the op may overwrite with anything (scratch space)
+    tags: dict = field(default_factory=dict)   # the case's discrete choices (code, mask, ...)
 
 
 CASES = {}
@@ -358,38 +383,38 @@ def _c_gemm(rng, mode):
     return Case(p, run, {"c": (want, (A64.shape[1] + 4) * U * terms)}, nb=nb)
 
 
-def _mask_or_none(rng, p, bt, shape):
-    if rng.integers(2):
+def _mask_or_none(rng, p, bt, shape, mask=None):
+    if rng.integers(2) if mask is None else mask:
         return p.buf("m", B, shape[1], bt, f32(rng.choice([0.0, 1.0, 1.25], size=(B, shape[1]))))
     return None
 
 
 @case("TRANSFER")
-def _c_transfer(rng, mode):
+def _c_transfer(rng, mode, code=None, mask=None):
     p, run, bt, nb = _setup(rng, mode)
-    code = int(rng.choice(TRANSFER_LIST))
+    code = int(rng.choice(TRANSFER_LIST)) if code is None else code
     n = 7
     p.buf("r", B, n, bt, rand(rng, (B, n)))
     p.buf("d", B, n, bt, rand(rng, (B, n), -3, 3))
-    m = _mask_or_none(rng, p, bt, (B, n))
+    m = _mask_or_none(rng, p, bt, (B, n), mask)
     x = p.init[1][:nb]
     want, tol = f64_transfer(code, x), transfer_tol(code, x)
     if m is not None:
         mk = p.init[2][:nb].astype(np.float64)
         want, tol = want * mk, tol * mk + U * np.abs(want * mk)
     p.op("TRANSFER", r="r", drive="d", code=code, mask=m)
-    return Case(p, run, {"r": (want, tol)}, nb=nb)
+    return Case(p, run, {"r": (want, tol)}, nb=nb, tags={"code": code, "mask": m is not None})
 
 
 @case("EULER")
-def _c_euler(rng, mode):
+def _c_euler(rng, mode, code=None, mask=None):
     p, run, bt, nb = _setup(rng, mode)
-    code = int(rng.choice(TRANSFER_LIST))
+    code = int(rng.choice(TRANSFER_LIST)) if code is None else code
     n = 7
     alpha = fparam(rng, 0.05, 1.0)
     p.buf("r", B, n, bt, rand(rng, (B, n)))
     p.buf("d", B, n, bt, rand(rng, (B, n), -3, 3))
-    m = _mask_or_none(rng, p, bt, (B, n))
+    m = _mask_or_none(rng, p, bt, (B, n), mask)
     tmp = p.buf("tmp", B, n, bt) if code == SOFTMAX else None
     r0, x = p.init[0][:nb].astype(np.float64), p.init[1][:nb]
     v, tv = f64_transfer(code, x), transfer_tol(code, x)
@@ -399,7 +424,8 @@ def _c_euler(rng, mode):
     want = r0 + alpha * (v - r0)
     tol = alpha * tv + 3 * U * (np.abs(r0) + alpha * (np.abs(v) + np.abs(r0)))
     p.op("EULER", r="r", drive="d", code=code, mask=m, tmp=tmp, alpha=alpha)
-    return Case(p, run, {"r": (want, tol)}, nb=nb)
+    return Case(p, run, {"r": (want, tol)}, nb=nb, scratch=("tmp",) if tmp else (),
+                tags={"code": code, "mask": m is not None})
 
 
 @case("AXPY")
@@ -524,9 +550,9 @@ def _c_mask(rng, mode):
 
 
 @case("DERIV")
-def _c_deriv(rng, mode):
+def _c_deriv(rng, mode, code=None, mask=None):
     p, run, bt, nb = _setup(rng, mode)
-    code = int(rng.choice(TRANSFER_LIST))
+    code = int(rng.choice(TRANSFER_LIST)) if code is None else code
     p.buf("d", B, 5, bt, rand(rng, (B, 5)))
     p.buf("x", B, 5, bt, rand(rng, (B, 5), -4, 4))
     d0, x = p.init[0][:nb].astype(np.float64), p.init[1][:nb]
@@ -604,17 +630,24 @@ def _c_record_stat(rng, mode):
     a = p.init[0].astype(np.float64)
     o = p.init[1].astype(np.float64)
     o = o.T if tr else o
+    # a statistic stored as float32 (U |val|), computed from float32 data with at worst
+    # float32-rounded products: the norm within U relative; the cosine within
+    # U (sum|a o| / (|a| |o|) + 2 |c|), the angle within that / sin(angle) radians
     if kind == 0:
-        val = np.sqrt(np.sum(a * a))
+        val = float(np.sqrt(np.sum(a * a)))
+        tol = 2 * U * val
     else:
-        c = np.sum(a * o) / (np.linalg.norm(a) * np.linalg.norm(o))
+        na, no = np.linalg.norm(a), np.linalg.norm(o)
+        c = np.sum(a * o) / (na * no)
         val = math.degrees(math.acos(c))
+        dc = U * (np.sum(np.abs(a * o)) / (na * no) + 2 * abs(c))
+        tol = U * val + math.degrees(dc / math.sqrt(1.0 - c * c))
     p.op("RECORD_STAT", src="a", monitor=mon, kind=kind, other="o" if kind else None,
          transpose=tr)
 
     def check(res):
         assert res.rec_cnt[0] == 1
-        assert abs(res.rec[0] - val) <= U * abs(val) + 1e-9
+        assert abs(float(res.rec[0]) - val) <= tol
         assert list(res.stamps[:2]) == [run.trial0, run.step0]
     return Case(p, run, {}, check=check, nb=nb)
 
@@ -689,9 +722,9 @@ def _c_count_correct(rng, mode):
 
 
 @case("APPLY")
-def _c_apply(rng, mode):
+def _c_apply(rng, mode, code=None, mask=None):
     p, run, bt, nb = _setup(rng, mode)
-    code = int(rng.choice(TRANSFER_LIST))
+    code = int(rng.choice(TRANSFER_LIST)) if code is None else code
     p.buf("d", B, 6, bt, rand(rng, (B, 6)))
     p.buf("s", B, 6, bt, rand(rng, (B, 6), -3, 3))
     x = p.init[1][:nb]
@@ -803,10 +836,11 @@ def _c_gauss(rng, mode):
     run.keys = np.array([key], np.uint64)
     p.buf("d", B, 3, bt, rand(rng, (B, 3)))
     rows = nb if bt else B
-    z = normal01_reference(int(key), _rng_counters(run.trial0, B, rows, 3))
-    want = (np.float32(scale) * z).astype(np.float64)      # one float32 product, exact twin
+    want = scale * normal(key, _rng_counters(run.trial0, B, rows, 3))
     p.op("GAUSS", dst="d", key=0, scale=scale)
-    return Case(p, run, {"d": (want, 0.0)}, nb=nb)
+    # the normal rounded to float32 (libm's float64 log and cos may differ by an ulp from
+    # Python's), the product with scale
+    return Case(p, run, {"d": (want, 3 * U * np.abs(want))}, nb=nb)
 
 
 UNARY_DOMAIN = {"sqrt": (0.1, 4), "rsqrt": (0.1, 4), "exp": (-3, 3), "log": (0.1, 4),
@@ -1034,8 +1068,8 @@ def _p_capacity():
 
 @program("failing")
 def _p_failing(k=8):
-    """A loop block (2 repeats) counts its repeats in cnt and sets z = (cnt - k) / (cnt - k):
-    1, but NaN (0/0) at the k-th repeat overall; TRANSFER(relu) of z then fails. 6 trials."""
+    """A loop block (2 repeats) counts its repeats in cnt and sets z = log((cnt - k)^2):
+    finite, but -inf at the k-th repeat overall; TRANSFER(identity) of z then fails. 6 trials."""
     p = Prog()
     p.buf("one", 1, 1, False, [[1.0]])
     p.buf("k", 1, 1, False, [[float(k)]])
@@ -1047,12 +1081,32 @@ def _p_failing(k=8):
     p.op("NOP")                                         # 0  block 0
     p.op("AXPY", dst="cnt", src="one", scale=1.0)       # 1  block 1 (loop x 2)
     p.op("SUB", dst="e", x="cnt", y="k")                # 2
-    p.op("DIV", dst="z", x="e", y="e")                  # 3
-    p.op("TRANSFER", r="r", drive="z", code=RELU)       # 4  NaN stays NaN through relu
-    p.op("AXPY", dst="after", src="one", scale=1.0)     # 5
+    p.op("MUL", dst="e", x="e", y="e")                  # 3
+    p.op("UNARY", dst="z", src="e", fn=UNARY_CODES["log"])   # 4
+    p.op("TRANSFER", r="r", drive="z", code=IDENTITY)   # 5
+    p.op("AXPY", dst="after", src="one", scale=1.0)     # 6
     p.block(0, 1)
-    p.block(1, 6, repeat=2, loop=True)
+    p.block(1, 7, repeat=2, loop=True)
     return p, _no_data(n_trials=6)
+
+
+def _zero_denominator(op):
+    p = Prog()
+    p.buf("x", 1, 3, False, [[1.0, -1.0, 0.0]])
+    p.buf("zero", 1, 1)
+    p.buf("q", 1, 3)
+    p.buf("r", 1, 3)
+    if op == "DIV":
+        p.op("DIV", dst="q", x="x", y="zero")
+    else:
+        p.op("UNARY", dst="q", src="zero", fn=UNARY_CODES["recip"])
+    p.op("TRANSFER", r="r", drive="q", code=IDENTITY)
+    return p, _no_data()
+
+
+ZERO_DENOMINATOR = {"div_zero": lambda: _zero_denominator("DIV"),
+                    "recip_zero": lambda: _zero_denominator("RECIP")}
+"""x / 0 and 1 / 0 (IEEE: inf, -inf, NaN), then TRANSFER fails with NONFINITE_RATE."""
 
 
 def sgd_program(w0, limit):
@@ -1085,9 +1139,21 @@ def _p_mask_edge():
     return p, run
 
 
-def make_case(op, seed, mode) -> Case:
+def make_case(op, seed, mode, **force) -> Case:
+    """The case of ``op`` for a seed and mode; ``force`` fixes a discrete choice (``code``,
+    ``mask`` of TRANSFER, EULER, APPLY, DERIV) instead of drawing it."""
     rng = np.random.default_rng([seed, OPS[op].code, MODES.index(mode)])
-    return CASES[op](rng, mode)
+    return CASES[op](rng, mode, **force)
+
+
+CODE_OPS = ("TRANSFER", "EULER", "APPLY", "DERIV")
+
+
+def code_variants():
+    """(op, code, mask) for every transfer code of the ops that take one, with and without a
+    mask where the op has one."""
+    return [(op, code, mask) for op in CODE_OPS for code in TRANSFER_LIST
+            for mask in ((False, True) if op in ("TRANSFER", "EULER") else (None,))]
 
 
 def check_case(c: Case, res: Result, scale: float = 1.0):
@@ -1096,6 +1162,8 @@ def check_case(c: Case, res: Result, scale: float = 1.0):
     assert res.status == c.status, (res.status, res.info)
     mem0 = c.prog.arrays()[0]
     touched = np.zeros(mem0.shape[0], bool)
+    for name in c.scratch:
+        touched[region(res, c, name)] = True
     for name, (want, tol) in c.expect.items():
         got = res.get(name, c.nb).astype(np.float64)
         want = np.broadcast_to(want, got.shape)
@@ -1105,17 +1173,22 @@ def check_case(c: Case, res: Result, scale: float = 1.0):
         assert not bad.any(), (f"{name}: |got - want| > tol at {np.argwhere(bad)[:5].tolist()}"
                                f"\ngot  {got[bad][:5]}\nwant {want[bad][:5]}\n"
                                f"err {err[bad][:5]}\ntol  {tol[bad][:5]}")
-        off, r, cc, bt = res.bufs[c.prog.names[name]]
-        r = c.nb if bt else r
-        touched[off:off + r * cc] = True
+        touched[region(res, c, name)] = True
     np.testing.assert_array_equal(res.mem[~touched], mem0[~touched])
     if c.check is not None:
         c.check(res)
+
+
+def region(res: Result, c: Case, name: str) -> slice:
+    """The floats of the arena that buffer ``name``'s view covers in case ``c``."""
+    off, r, cc, bt = res.bufs[c.prog.names[name]]
+    return slice(off, off + (c.nb if bt else r) * cc)
 
 
 def all_ops():
     return [s.name for s in BY_CODE]
 
 
-__all__ = ["B", "MODES", "Prog", "Run", "Case", "CASES", "PROGRAMS", "execute", "make_case",
-           "check_case", "sgd_program", "all_ops", "U", "col"]
+__all__ = ["B", "MODES", "Prog", "Run", "Case", "CASES", "PROGRAMS", "ZERO_DENOMINATOR",
+           "execute", "make_case", "code_variants", "check_case", "region", "sgd_program",
+           "all_ops", "U", "col"]
