@@ -184,9 +184,10 @@ class FFSimulator(Simulator):
     appends a row (trial, accuracies, seconds) to that CSV file.
     """
 
-    def __init__(self, plan, threads: int = 1, *, network: FFNetwork, classify="goodness",
+    def __init__(self, plan, threads: int = 1, *, backend="numba", network: FFNetwork,
+                 classify="goodness",
                  eval_batch: int = 1000):
-        super().__init__(plan, threads=threads)
+        super().__init__(plan, threads=threads, backend=backend)
         if classify not in ("goodness", "softmax"):
             raise ValidationError("FFSimulator.classify", f"got {classify!r}, expected "
                                   "'goodness' or 'softmax'.")
@@ -209,7 +210,7 @@ class FFSimulator(Simulator):
                           dt=proto.dt, method=proto.method)
             plan = compile_plan(net.circuit, ph, batch=self.eval_batch, seed=self.plan.seed,
                                 output=net.readout or net.layers[-1])
-            self._eval = Simulator(plan, threads=self.threads)
+            self._eval = Simulator(plan, threads=self.threads, backend=self.backend)
         for name in net.circuit.projections:
             self._eval.view(f"{name}.W")[...] = self.view(f"{name}.W")
         return self._eval
@@ -366,7 +367,7 @@ def make_ff_simulator(settings: dict) -> FFSimulator:
                                 sample=mon["sample"], name=mon["name"]))
     plan = compile_plan(net.circuit, net.protocol, rules=list(net.rules), optimizer=opt,
                         monitors=mons, batch=tr["batch_size"], seed=tr["seed"], output=None)
-    return FFSimulator(plan, threads=tr["threads"], network=net, classify=m["classify"],
+    return FFSimulator(plan, threads=tr["threads"], backend=tr["backend"], network=net, classify=m["classify"],
                        eval_batch=m["eval_batch"])
 
 

@@ -28,8 +28,8 @@ __all__ = [
     "NeurosimWarning", "__version__",
 ]
 
-from .plasticity import NormalizedPEPITA, PEPITATimeLocal, WeightMirroring  # noqa: E402
+from .plasticity import NormalizedPEPITA, Oja, PEPITATimeLocal, WeightMirroring  # noqa: E402
 from .diagnostics import GradientAlignment, PepitaAfaAngle  # noqa: E402
 
-__all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "GradientAlignment",
+__all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "Oja", "GradientAlignment",
             "PepitaAfaAngle"]

@@ -20,6 +20,7 @@ import numpy as np
 
 from .circuit import Circuit, ErrorPopulation
 from .errors import CompileError, ValidationError
+from .expr import Buf, Expr, FPrime, emit_into
 from .optable import OPS, RMS_NORM, SOFTMAX, encode
 from .monitors import Monitor
 from .plasticity.base import builder_for
@@ -98,9 +99,11 @@ class Plan:
     def names_of_kind(self, *kinds) -> list:
         return [n for n, k in self.buffer_kind.items() if k in kinds]
 
-    @property
-    def mem(self):   # the pre-v2 name of the initial arena (read-only)
-        return self.init_mem
+
+def _as_expr(pb, e):
+    if isinstance(e, Expr):
+        return e
+    raise CompileError(f"expected an array expression (neurosim.expr), got {type(e).__name__}")
 
 
 def view_of(mem, bufs, i, nb):
@@ -397,6 +400,112 @@ class PlanBuilder:
             raise CompileError(f"the derivative of the RMS-normalised population {pop!r} is not "
                                "element-wise")
         return self.op("DERIV", where, dst=dst, drive=drive, code=code)
+
+    # -- array expressions (neurosim.expr) --------------------------------------------------------
+    def r(self, pop: str, phase: str) -> Expr:
+        """Handle of population ``pop``'s rate held at the end of ``phase`` (batch, size)."""
+        return Buf(self, self.rate(pop, phase))
+
+    def a(self, pop: str, phase: str) -> Expr:
+        """Handle of population ``pop``'s drive (input) in ``phase``."""
+        return Buf(self, self.drive(pop, phase))
+
+    def W(self, proj: str) -> Expr:
+        """Handle of projection ``proj``'s weights (post, pre)."""
+        self.require_projection(proj, "PlanBuilder.W")
+        return Buf(self, self.weight(proj))
+
+    def fprime(self, pop: str, phase: str) -> Expr:
+        """Handle of ``f'(drive)`` of ``pop`` in ``phase``, times the trial's dropout mask if the
+        population has dropout (``h = mask * f(a)``). Use it as a factor: ``x * pb.fprime(...)``
+        becomes an in-place derivative op."""
+        self._check_pop(pop)
+        code = self.circuit.populations[pop].code
+        if code == SOFTMAX or code >= RMS_NORM:
+            raise CompileError(f"the derivative of population {pop!r} is not element-wise "
+                               "(softmax or RMS-normalised)")
+        return FPrime(self, pop, phase)
+
+    def stim(self, name: str) -> Expr:
+        """Handle of stimulus ``name`` (``"x"``: the data rows, ``"t"``: the targets)."""
+        if f"stim.{name}" not in self._index:
+            raise CompileError(f"no stimulus {name!r} in the protocol")
+        return Buf(self, self._index[f"stim.{name}"])
+
+    def state(self, name: str, rows: int, cols: int, init=None, kind: str = "rule") -> Expr:
+        """Handle of a persistent buffer (rule state kept across trials; reset by
+        ``Simulator.reset(rule=True)``)."""
+        return Buf(self, self.persistent(name, rows, cols, init=init, kind=kind))
+
+    def const(self, value: float, rows: int = 1, cols: int = 1) -> Expr:
+        return Buf(self, self.constant(value, rows, cols))
+
+    def scalar(self, name: str, value: float = 0.0, schedule=None) -> Expr:
+        """Handle of a scalar slot as a (1, 1) value, read where it is used (see :meth:`slot`)."""
+        s = self.slot(name, value, schedule)
+        buf = self.buffer(f"slot.{name}", 1, 1, kind="scratch")
+        self.op("LOAD_SCALAR", f"scalar slot {name!r}", dst=buf, slot=s)
+        return Buf(self, buf)
+
+    def record_angle(self, monitor: int, a, b, transpose: bool = False) -> None:
+        """Record, every ``every`` trials of monitor ``monitor``, the angle (degrees) between
+        buffers (or handles) ``a`` and ``b`` (``b.T`` with ``transpose``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        b = b.index if isinstance(b, Buf) else int(b)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=1, other=b,
+                transpose=int(transpose))
+
+    def record_norm(self, monitor: int, a) -> None:
+        """Record the Frobenius norm of buffer (or handle) ``a`` every ``every`` trials."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=0)
+
+    def record(self, monitor: int, a, per: str = "trial") -> None:
+        """Record the rows of buffer (or handle) ``a`` (the monitor's unit range, sample or
+        batch mean) every ``every`` trials (``per="trial"``) or time steps (``"step"``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD", f"monitor {monitor}", src=a, monitor=monitor,
+                per=0 if per == "step" else 1)
+
+    def let(self, expr, where: str = "") -> Expr:
+        """Compute ``expr`` here, once, into a temporary; returns its handle (for a value used
+        more than once, e.g. a backpropagated error that feeds both an update and the next
+        layer)."""
+        expr = _as_expr(self, expr)
+        if isinstance(expr, Buf):
+            return expr
+        dst = self.temp(expr.rows, expr.cols, expr.batch)
+        emit_into(dst, expr, where)
+        return Buf(self, dst)
+
+    def update(self, proj: str, expr, where: str | None = None) -> None:
+        """Add ``expr`` (post x pre) to projection ``proj``'s summed update ``dW`` (descent
+        direction: the optimizer applies ``W -= lr dW / B``). In a ``<phase>:loop`` section the
+        update accumulates over the phase's time steps (``dW`` is zeroed before the loop)."""
+        where = where or f"projection {proj!r}"
+        expr = _as_expr(self, expr)
+        post, pre = self.circuit.shape_of(self.require_projection(proj, where))
+        if (expr.rows, expr.cols, expr.batch) != (post, pre, False):
+            raise CompileError(f"{where}: update of shape {expr.shape}, expected the weights' "
+                               f"(post, pre) = {(post, pre)}")
+        first = proj not in self._grad_written
+        dw, _ = self.grad(proj)
+        sec = self._pb.current
+        if first and sec.endswith(":loop"):
+            with self.at(sec.replace(":loop", ":pre")):
+                self.zero(dw, where)
+            first = False
+        emit_into(dw, expr, where, accumulate=not first)
+
+    def assign(self, target, expr, where: str = "") -> None:
+        """Write ``expr`` into ``target`` (a handle of a buffer, or a buffer index)."""
+        dst = target.index if isinstance(target, Buf) else int(target)
+        expr = _as_expr(self, expr)
+        r, c, b = self.shape(dst)
+        if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
+            raise CompileError(f"{where}: cannot assign {expr.shape} to buffer "
+                               f"{self.name_of(dst)!r} of shape {(r, c)}")
+        emit_into(dst, expr, where or self.name_of(dst))
 
     # -- checks used by rules -------------------------------------------------------------------
     def require_phase(self, name, where):

@@ -83,12 +83,12 @@ class Monitor:
 
 
 class AbstractMonitor:
-    """Base of custom monitors: ``build(pb, index) -> meta`` emits instructions through the
-    :class:`~neurosim.compiler.PlanBuilder` into ``trial_end`` (after the rules' updates,
-    before the optimizer step) and returns the layout dict ``{"key", "kind": "stat" | "var",
-    "size", "per": "trial", "every"}``. Record with ``pb.emit(RECORD_STAT, (buf, index, kind,
-    other, transpose))`` (kind 0: Frobenius norm of buf; 1: angle in degrees between buf and
-    other).
+    """Base of custom monitors: ``build(pb, index) -> meta`` computes what it records with array
+    expressions through the :class:`~neurosim.compiler.PlanBuilder` (``pb.let``, ``pb.assign``,
+    usually inside ``with pb.at("trial_end"), pb.every(n):``, i.e. after the rules' updates,
+    before the optimizer step), records with ``pb.record(index, handle)`` (rows),
+    ``pb.record_norm(index, handle)`` or ``pb.record_angle(index, a, b)`` (degrees), and returns
+    the layout dict ``{"key", "kind": "stat" | "var", "size", "per": "trial", "every"}``.
     """
 
     def build(self, pb, index: int) -> dict:  # pragma: no cover - abstract

@@ -81,6 +81,7 @@ SCHEMA = {
         "max_weight": ("float+", 1e4),
         "seed": ("int0", 0),
         "threads": ("int+", 1),
+        "backend": (("numba", "numpy"), "numba"),
         "eval_every": ("int+", 1),
         "keep_checkpoints": ("int+", 2),
         "chunk": ("int+", 32),

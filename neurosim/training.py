@@ -99,7 +99,7 @@ def make_simulator(settings: dict) -> Simulator:
             if hits:
                 raise _monitor_error(e, hits[0]) from None
         raise _scenario_error(e) from None
-    return Simulator(plan, threads=tr["threads"])
+    return Simulator(plan, threads=tr["threads"], backend=tr["backend"])
 
 
 def _monitor_where(m) -> str:
@@ -169,7 +169,8 @@ def _check_memory(circuit, protocol, batch: int) -> None:
 # Settings that do not change what a run computes: a run may be resumed with other values
 # (e.g. more epochs, another data folder, more BLAS threads).
 _NOT_HASHED = {"name": None, "description": None, "data": ("dir", "verify"),
-               "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads")}
+               "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads",
+                            "backend")}
 
 
 def scenario_hash(settings: dict) -> str:

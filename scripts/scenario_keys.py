@@ -38,6 +38,8 @@ MEANING = {
     "training.decay_start": "fraction of the epochs after which `linear_decay` starts",
     "training.max_weight": "divergence guard: a weight above this stops the run with an error",
     "training.seed": "root seed (weights, F, dropout masks, shuffling)",
+    "training.backend": "`numba` (compiled, default) or `numpy` (the reference backend: no "
+                        "compilation, slower; docs/engine.md)",
     "training.threads": "threads inside the kernels (docs/engine.md; use on idle cores)",
     "training.eval_every": "evaluate the test set every k epochs (and at the last)",
     "training.keep_checkpoints": "checkpoints kept on disk",
