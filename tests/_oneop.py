@@ -1099,14 +1099,26 @@ def _zero_denominator(op):
     if op == "DIV":
         p.op("DIV", dst="q", x="x", y="zero")
     else:
-        p.op("UNARY", dst="q", src="zero", fn=UNARY_CODES["recip"])
+        p.op("UNARY", dst="q", src="zero", fn=UNARY_CODES[op.lower()])
     p.op("TRANSFER", r="r", drive="q", code=IDENTITY)
     return p, _no_data()
 
 
 ZERO_DENOMINATOR = {"div_zero": lambda: _zero_denominator("DIV"),
-                    "recip_zero": lambda: _zero_denominator("RECIP")}
-"""x / 0 and 1 / 0 (IEEE: inf, -inf, NaN), then TRANSFER fails with NONFINITE_RATE."""
+                    "recip_zero": lambda: _zero_denominator("RECIP"),
+                    "rsqrt_zero": lambda: _zero_denominator("RSQRT")}
+"""x / 0, 1 / 0 and 1 / sqrt(0) (IEEE: inf, -inf, NaN), then TRANSFER fails with
+NONFINITE_RATE."""
+
+
+def overwrite_program():
+    """COL_SUM into a destination holding NaN and inf: an ``out`` operand is overwritten, so
+    the result is the column sums (3, 3) whatever dst held."""
+    p = Prog()
+    p.buf("d", 1, 2, False, [[np.nan, np.inf]])
+    p.buf("x", 3, 2, False, np.ones((3, 2)))
+    p.op("COL_SUM", dst="d", src="x", scale=1.0)
+    return p, _no_data()
 
 
 def sgd_program(w0, limit):
@@ -1190,5 +1202,5 @@ def all_ops():
 
 
 __all__ = ["B", "MODES", "Prog", "Run", "Case", "CASES", "PROGRAMS", "ZERO_DENOMINATOR",
-           "execute", "make_case", "code_variants", "check_case", "region", "sgd_program",
-           "all_ops", "U", "col"]
+           "overwrite_program", "execute", "make_case", "code_variants", "check_case", "region",
+           "sgd_program", "all_ops", "U", "col"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _oneop import (MODES, PROGRAMS, ZERO_DENOMINATOR, all_ops, check_case, code_variants,
-                    execute, make_case, region)
+                    execute, make_case, overwrite_program, region)
 
 from neurosim.backends.numpy_backend import run_trials as numpy_run
 from neurosim.kernels import ops as K
@@ -100,7 +100,7 @@ def test_every_transfer_code_agrees(op, code, mask, mode):
 def _zero_denominator_bug(name):
     return pytest.param(name, marks=pytest.mark.xfail(
         strict=True, raises=ZeroDivisionError,
-        reason="kernels/ops.py: DIV (_bcast_op) and UNARY recip (_unary) divide float32 by 0 "
+        reason="kernels/ops.py: DIV (_bcast_op), UNARY recip and rsqrt (_unary) divide by 0 "
         "under numba's default error_model='python', which raises ZeroDivisionError instead "
         "of giving inf/NaN (and NONFINITE_RATE downstream); error_model='numpy' fixes it"))
 
@@ -119,3 +119,15 @@ def test_program_agrees(name):
     np.testing.assert_allclose(a.mem, b.mem, rtol=16 * 2.0 ** -23, equal_nan=True)
     np.testing.assert_allclose(a.rec, b.rec, rtol=16 * 2.0 ** -23, equal_nan=True)
     np.testing.assert_array_equal(a.out, b.out)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="kernels/ops.py: COL_SUM computes dst = 0 * dst + f * sum (it shares "
+                   "COL_MEAN's loop), so a NaN or inf already in dst survives; the op table "
+                   "declares dst an out operand (overwritten)")
+def test_out_operand_is_overwritten_in_both():
+    p, run = overwrite_program()
+    with np.errstate(invalid="ignore"):
+        a = execute(numba_run, p, run)
+        b = execute(numpy_run, p, run)
+    np.testing.assert_array_equal(a.mem, b.mem)

@@ -21,7 +21,7 @@ import array_api_strict
 import numpy as np
 import pytest
 from _oneop import (CASES, MODES, PROGRAMS, ZERO_DENOMINATOR, Prog, all_ops, check_case,
-                    code_variants, execute, make_case, sgd_program)
+                    code_variants, execute, make_case, overwrite_program, sgd_program)
 
 from neurosim.backends.numpy_backend import run_trials
 from neurosim.errors import ValidationError
@@ -144,6 +144,12 @@ def test_zero_denominator_is_ieee_and_reported(name):
     q = res.get("q")[0]
     want = [np.inf, -np.inf, np.nan] if name == "div_zero" else [np.inf] * 3
     np.testing.assert_array_equal(q, want)
+
+
+def test_out_operand_is_overwritten():
+    p, run = overwrite_program()
+    res = execute(run_trials, p, run)
+    np.testing.assert_array_equal(res.get("d"), [[3.0, 3.0]])
 
 
 @pytest.mark.parametrize("w0, status", [([1.0, -2.0], OK), ([1.0, -4.0], WEIGHT_RUNAWAY),
