@@ -283,8 +283,7 @@ def _peer_term(pb, rule, post, y):
     where = f"population {post!r} (peer normalisation)"
     m = pb.state(f"{rule.name}.{post}.peer_mean", 1, n, init=[[rule.peer_init] * n])
     pb.assign(m, d * m + (1.0 - d) * y.mean(0), where)
-    mbar = pb.let((m @ pb.const(1.0, n, 1)) / n, where)
-    return pb.let(lam * (mbar @ pb.const(1.0, 1, n)) - lam * m, where)
+    return -lam * (m - m.mean())
 
 
 def _target(pb, rule):
