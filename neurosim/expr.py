@@ -392,8 +392,7 @@ def _fprime_inplace(dst, fp, where):
         pb.mul(dst, dst, pb.buffer(f"{fp.pop}.mask", 0, pop.size, True, kind="state"), where)
 
 
-
-# ---- patterns one op computes ---------------------------------------------------------------------
+# ---- patterns one op computes ----------------------------------------------------------------------
 def _number(e):
     """The value of ``e`` if it is a (1, 1) constant (a number in an expression), else None."""
     if isinstance(e, Buf) and (e.rows, e.cols, e.batch) == (1, 1, False):

@@ -86,7 +86,8 @@ def test_label_helpers_check_their_operands():
         "cannot hold 5 label columns": lambda pb: pb.embed_label(pb.stim("x"), 5, on=1.0),
         "must be a \\(batch, 1\\)": lambda pb: pb.embed_label(pb.stim("x"), 2, on=1.0,
                                                              labels=pb.r("y", "stim")),
-        "must be a \\(batch, 4\\)": lambda pb: pb.wrong_labels("w", 4, "s", probs=pb.r("y", "stim")),
+        "must be a \\(batch, 4\\)": lambda pb: pb.wrong_labels("w", 4, "s",
+                                                          probs=pb.r("y", "stim")),
         "has no dropout": lambda pb: pb.mask("y"),
         "expected a buffer handle": lambda pb: pb.count_correct("y"),
     }
