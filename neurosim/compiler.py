@@ -21,7 +21,7 @@ import numpy as np
 from .circuit import Circuit, ErrorPopulation
 from .errors import CompileError, ValidationError
 from .expr import Buf, Expr, FPrime, emit_into
-from .optable import OPS, RMS_NORM, SOFTMAX, encode
+from .optable import OPS, RMS_NORM, SOFTMAX, check_shapes, encode
 from .monitors import Monitor
 from .plasticity.base import builder_for
 from .plasticity.optim import SGD
@@ -370,11 +370,19 @@ class PlanBuilder:
         except ValueError as e:
             raise CompileError(f"{e} ({where or 'no context'})") from None
         ints = row[1:]
+        shp, named = {}, {}
         for o in spec.operands:
             v = ints[o.col - 1] if not o.is_float else 0
             if o.is_buffer and not (-1 if o.role == "opt" else 0) <= v < len(self._bufs):
                 raise CompileError(f"op {name}: operand {o.name!r} = {v} is not a buffer "
                                    f"({where or 'no context'})")
+            if o.is_buffer and v >= 0:
+                shp[o.name] = self.shape(v)
+            elif not o.is_float:
+                named[o.name] = v
+        bad = check_shapes(name, shp, named)
+        if bad:
+            raise CompileError(f"op {name} ({where or 'no context'}): {bad}")
         return self._pb.append(Instr(spec, ints, floats, where))
 
     def gemm(self, c, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, where=""):

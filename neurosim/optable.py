@@ -668,3 +668,64 @@ def encode(name: str, **operands) -> tuple[list, list]:
 def numba_columns() -> dict:
     """``{(op, operand): column}`` for every op: what the compiled interpreter reads."""
     return {(s.name, o.name): o.col for s in BY_CODE for o in s.operands}
+
+
+# ---- shape contracts -----------------------------------------------------------------------------
+# Checked by PlanBuilder.op on every emitted instruction. A shape is (rows, cols, batch): batch-
+# shaped buffers have the minibatch's rows at run time, so they match only each other.
+_SAME = {"COPY": ("dst", "src"), "APPLY": ("dst", "src"), "UNARY": ("dst", "src"),
+         "ROW_NORMALIZE": ("dst", "src"), "DERIV": ("dst", "drive"), "AXPY": ("dst", "src"),
+         "TRANSFER": ("r", "drive", "mask"), "EULER": ("r", "drive", "mask", "tmp"),
+         "SGD": ("W", "V", "dW"), "SUB": ("dst", "x"), "MUL": ("dst", "x"), "ADD": ("dst", "x"),
+         "DIV": ("dst", "x")}
+_BROADCAST = {"SUB": ("dst", "y"), "MUL": ("dst", "y"), "ADD": ("dst", "y"), "DIV": ("dst", "y"),
+              "FILL": ("dst", "src")}
+
+
+def check_shapes(name: str, shp: dict, ints: dict) -> str | None:
+    """The op's shape contract for buffer shapes ``shp`` ({operand: (rows, cols, batch)}) and
+    integer operands ``ints``; returns what is wrong, or None."""
+    def rows(o):
+        return "B" if shp[o][2] else shp[o][0]
+
+    def show(o):
+        return f"{o} ({rows(o)}, {shp[o][1]})"
+
+    def same(*ops):
+        ops = [o for o in ops if o in shp]
+        if len({shp[o] for o in ops}) > 1:
+            return "shapes differ: " + ", ".join(show(o) for o in ops)
+        return None
+
+    if name in _SAME:
+        bad = same(*_SAME[name])
+        if bad:
+            return bad
+    if name in _BROADCAST:
+        d, y = _BROADCAST[name]
+        if not (shp[y][:3] == shp[d][:3] or (not shp[y][2] and shp[y][0] == 1 and
+                                             shp[y][1] in (1, shp[d][1]))
+                or (shp[y][1] == 1 and (shp[y][2] == shp[d][2]) and
+                    (shp[y][2] or shp[y][0] == shp[d][0]))):
+            return f"{show(y)} does not broadcast to {show(d)} (a row, a column or a scalar)"
+    if name == "GEMM":
+        def op_(o, t):
+            r, c = rows(o), shp[o][1]
+            return (c, r) if t else (r, c)
+        (m, k), (k2, n) = op_("a", ints["trans_a"]), op_("b", ints["trans_b"])
+        if k != k2 or (m, n) != (rows("c"), shp["c"][1]):
+            return (f"op(a) is ({m}, {k}), op(b) ({k2}, {n}), c ({rows('c')}, {shp['c'][1]}): "
+                    "expected (m, k) @ (k, n) -> (m, n)")
+    if name in ("ROW_SUMSQ", "ROW_SUM", "ROW_SCALE"):
+        d, src = ("s", "dst") if name == "ROW_SCALE" else ("dst", "src")
+        if shp[d][1] != 1 or rows(d) != rows(src):
+            return f"{show(d)} must be a column with the rows of {show(src)}"
+    if name in ("COL_MEAN", "COL_SUM") and (rows("dst") != 1 or shp["dst"][1] != shp["src"][1]):
+        return f"{show('dst')} must be a row with the columns of {show('src')}"
+    if name == "BIAS" and (rows("bias") != 1 or shp["bias"][1] != shp["dst"][1]):
+        return f"{show('bias')} must be a row with the columns of {show('dst')}"
+    if name in ("SUM", "SCALE_BY"):
+        o = "dst" if name == "SUM" else "s"
+        if (rows(o), shp[o][1]) != (1, 1):
+            return f"{show(o)} must be (1, 1)"
+    return None

@@ -1093,7 +1093,7 @@ def _p_failing(k=8):
 def _zero_denominator(op):
     p = Prog()
     p.buf("x", 1, 3, False, [[1.0, -1.0, 0.0]])
-    p.buf("zero", 1, 1)
+    p.buf("zero", 1, 1 if op == "DIV" else 3)   # UNARY: src has dst's shape (op table)
     p.buf("q", 1, 3)
     p.buf("r", 1, 3)
     if op == "DIV":

@@ -58,15 +58,11 @@ def assert_agree(c, a, b, scale=2.0):
     np.testing.assert_array_equal(a.out, b.out)
 
 
-_EULER_SOFTMAX_MASK = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="kernels/ops.py euler(): the softmax branch ignores the mask (the op table: "
-    "r += alpha (f(drive) * mask - r)); TRANSFER and the other codes apply it")
-
-
 def _gaps(op, code=None, mask=None):
-    """The marks of the compiled kernels' known gaps for a case's choices."""
-    return [_EULER_SOFTMAX_MASK] if op == "EULER" and code == SOFTMAX and mask else []
+    """The marks of the compiled kernels' known gaps for a case's choices (none left: the gaps
+    this test found, softmax EULER ignoring its mask, division by zero raising, COL_SUM reading
+    its output, are fixed in neurosim/kernels/ops.py)."""
+    return []
 
 
 def _op_params():
@@ -97,16 +93,7 @@ def test_every_transfer_code_agrees(op, code, mask, mode):
     _run_both(make_case(op, 3, mode, code=code, mask=mask))
 
 
-def _zero_denominator_bug(name):
-    return pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, raises=ZeroDivisionError,
-        reason="kernels/ops.py: DIV (_bcast_op), UNARY recip and rsqrt (_unary) divide by 0 "
-        "under numba's default error_model='python', which raises ZeroDivisionError instead "
-        "of giving inf/NaN (and NONFINITE_RATE downstream); error_model='numpy' fixes it"))
-
-
-@pytest.mark.parametrize("name", sorted(PROGRAMS) + [_zero_denominator_bug(n)
-                                                     for n in sorted(ZERO_DENOMINATOR)])
+@pytest.mark.parametrize("name", sorted(PROGRAMS) + sorted(ZERO_DENOMINATOR))
 def test_program_agrees(name):
     p, run = {**PROGRAMS, **ZERO_DENOMINATOR}[name]()
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -121,10 +108,6 @@ def test_program_agrees(name):
     np.testing.assert_array_equal(a.out, b.out)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="kernels/ops.py: COL_SUM computes dst = 0 * dst + f * sum (it shares "
-                   "COL_MEAN's loop), so a NaN or inf already in dst survives; the op table "
-                   "declares dst an out operand (overwritten)")
 def test_out_operand_is_overwritten_in_both():
     p, run = overwrite_program()
     with np.errstate(invalid="ignore"):

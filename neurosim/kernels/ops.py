@@ -214,7 +214,8 @@ def euler(r, drive, code, mask, use_mask, alpha, tmp):
         softmax_rows(tmp, drive)
         for b in range(r.shape[0]):
             for j in range(r.shape[1]):
-                r[b, j] += a * (tmp[b, j] - r[b, j])
+                target = tmp[b, j] * mask[b, j] if use_mask else tmp[b, j]
+                r[b, j] += a * (target - r[b, j])
     elif code == RELU:
         for b in range(r.shape[0]):
             if use_mask:
@@ -464,7 +465,7 @@ def frob(a):
     s = 0.0
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
-            s += float(a[i, j]) * float(a[i, j])
+            s += np.float64(a[i, j]) * np.float64(a[i, j])
     return math.sqrt(s)
 
 
@@ -475,7 +476,7 @@ def angle_deg(a, b, transpose_b):
     for i in range(a.shape[0]):
         for j in range(a.shape[1]):
             bij = b[j, i] if transpose_b else b[i, j]
-            dot += float(a[i, j]) * float(bij)
+            dot += np.float64(a[i, j]) * np.float64(bij)
     na = frob(a)
     nb_ = frob(b)
     if na == 0.0 or nb_ == 0.0:
@@ -494,7 +495,7 @@ def _fail(info, i, rep, trial, bl, status):
     return status
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _bcast_op(op, dst, x, y):
     """dst = x (op) y element-wise, ``y`` broadcast from (1, cols), (rows, 1) or (1, 1)."""
     rs = 0 if y.shape[0] == 1 else 1
@@ -512,7 +513,7 @@ def _bcast_op(op, dst, x, y):
                 dst[b, c] = x[b, c] / v
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _unary(dst, src, fn, p):
     pf = np.float32(p)
     for b in range(dst.shape[0]):
@@ -660,12 +661,14 @@ def _row_scale(dst, sv):
 
 
 @njit(cache=True)
-def _col_sum(dst, src, al, be):
+def _col_sum(dst, src, al, be, running):
+    """dst[0, c] = be dst[0, c] + al sum_b src[b, c] (running: COL_MEAN) or al sum_b src[b, c]
+    (COL_SUM: dst is overwritten, whatever it held)."""
     for c in range(src.shape[1]):
         acc = np.float32(0.0)
         for b in range(src.shape[0]):
             acc += src[b, c]
-        dst[0, c] = be * dst[0, c] + al * acc
+        dst[0, c] = be * dst[0, c] + al * acc if running else al * acc
 
 
 @njit(cache=True)
@@ -863,7 +866,7 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         else:
                             al = np.float32(fprm[i, 0] + fprm[i, 1] / src.shape[0])
                             be = np.float32(0.0)
-                        _col_sum(_view(mem, bufs, a, nb), src, al, be)
+                        _col_sum(_view(mem, bufs, a, nb), src, al, be, op == COL_MEAN)
                     elif op == SUM:
                         _view(mem, bufs, a, nb)[0, 0] = _sum_all(_view(mem, bufs, prog[i, 2], nb),
                                                                  np.float32(fprm[i, 0]))
