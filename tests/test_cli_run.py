@@ -23,7 +23,8 @@ from neurosim.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((REPO / "scenarios").glob("*.toml"))
-METRIC_COLUMNS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_s", "wall_s"]
+METRIC_COLUMNS = ["epoch", "test_accuracy", "train_accuracy_running", "train_accuracy_eval", "lr",
+                  "samples_per_s", "wall_s"]
 
 
 @pytest.fixture(scope="module")
