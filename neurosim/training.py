@@ -591,9 +591,9 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
     slowness = slowness_fit(*ep_acc, n_classes=ds.n_classes, before=before)
     n_fit = slowness_points(*ep_acc, before=before)
     slowness_note = None if slowness is not None else (
-        f"no convergence fit: {n_fit} test accuracies before the first decay; the "
-        f"2-parameter fit needs at least {SLOWNESS_MIN_POINTS}" if n_fit < SLOWNESS_MIN_POINTS
-        else "no convergence fit: the fit did not converge")
+        f"{n_fit} test accurac{'y' if n_fit == 1 else 'ies'} up to the first learning-rate "
+        f"decay; the 2-parameter fit needs at least {SLOWNESS_MIN_POINTS}"
+        if n_fit < SLOWNESS_MIN_POINTS else "the least-squares fit did not converge")
 
     summary = {
         "scenario": settings["name"], "model": settings["model"]["name"],
