@@ -41,7 +41,8 @@ def rss_kib(pid: int) -> int | None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None,
-                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or the user cache)")
+                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or "
+                        "the user cache)")
     p.add_argument("--scenario", default=str(REPO / "scenarios" / "pepita_mnist.toml"))
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--train-limit", type=int, default=10000)

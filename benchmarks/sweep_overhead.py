@@ -57,7 +57,8 @@ every = 50
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None,
-                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or the user cache)")
+                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or "
+                        "the user cache)")
     p.add_argument("--runs", type=int, default=8, help="even: 2 seeds per lr value")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=2000)

@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Circuit", "Population", "ErrorPopulation", "Projection", "TRANSFERS", "Phase", "Protocol",
-    "Monitor", "Trace", "Traces", "Plan", "PlanBuilder", "compile_plan", "Simulator", "shuffled_order",
+    "Monitor", "Trace", "Traces", "Plan", "PlanBuilder", "compile_plan", "Simulator",
+    "shuffled_order",
     "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA", "PlasticityRule", "register_builder",
     "HeUniform", "FanInUniform", "Uniform", "Normal", "Zeros", "Given",
     "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",

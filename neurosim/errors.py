@@ -80,4 +80,5 @@ class NeurosimWarning(UserWarning):
 
 class BareTimeWarning(NeurosimWarning):
     """A time constant or duration given as a bare number of 1 s or more (``tau=10`` is ten
-    seconds, not ten milliseconds). Give a unit (``"10 ms"``, ``10*ms``, ``"10 s"``) to silence it."""
+    seconds, not ten milliseconds). Give a unit (``"10 ms"``, ``10*ms``, ``"10 s"``) to silence
+    it."""

@@ -416,8 +416,9 @@ def report_run(d: Path) -> list[Path]:
         written.append(plot_learning(d / "report-learning-curves.png", [(
             "", m["epoch"], cols["test_accuracy"], None, cols["running"], None, m.get("lr"),
             cols["eval"], None)], f"{name}: learning curves"))
-        md += ["## Epochs", "", "Train running: counted while the epoch trains (dropout on, weights "
-               "changing); train eval: evaluated after the epoch like the test set "
+        md += ["## Epochs", "",
+               "Train running: counted while the epoch trains (dropout on, weights changing); "
+               "train eval: evaluated after the epoch like the test set "
                "(`training.train_eval` samples; — when off).", "",
                "| epoch | test accuracy | train running | train eval | lr | samples/s |",
                "|---|---|---|---|---|---|"]

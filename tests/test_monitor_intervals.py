@@ -18,8 +18,9 @@ from neurosim.models import build_pepita_network
 
 
 # -- intervals in epochs --------------------------------------------------------------------------
-@pytest.mark.parametrize("text,epochs", [("0.1 epoch", 0.1), ("2 epochs", 2.0), (" 1e-1 epoch ", 0.1),
-                                         ("1epoch", 1.0), (".5 epochs", 0.5)])
+@pytest.mark.parametrize("text,epochs", [("0.1 epoch", 0.1), ("2 epochs", 2.0),
+                                         (" 1e-1 epoch ", 0.1), ("1epoch", 1.0),
+                                         (".5 epochs", 0.5)])
 def test_epochs_of_reads_epoch_intervals(text, epochs):
     assert sc.epochs_of(text) == pytest.approx(epochs)
 

@@ -42,7 +42,8 @@ def _visible(line) -> bool:
 @pytest.fixture
 def figures(monkeypatch):
     """What every saved figure shows, by file name: per drawn axes, (curves with data that
-    cannot be seen, curves with data, x label, y label, legend texts). Recorded at savefig time (neurosim's plots close their figures)."""
+    cannot be seen, curves with data, x label, y label, legend texts). Recorded at savefig time
+    (neurosim's plots close their figures)."""
     from matplotlib.figure import Figure
 
     seen = {}
@@ -138,7 +139,10 @@ def test_convergence_fit_is_refused_below_four_points(tmp_path, data):
 @pytest.mark.skipif(not HAVE_MNIST, reason=f"the genuine MNIST is not in {MNIST}")
 @pytest.mark.parametrize("path", TRAINED, ids=lambda p: p.stem)
 def test_every_scenario_one_epoch_on_2000_samples(tmp_path, path, figures):
-    settings = sc.load(path, ["training.epochs=1", "data.train_limit=2000"])
+    # 1000 test samples: Forward-Forward classifies by ten passes per sample, and in time mode
+    # each pass is 120 steps; the whole test set would cost minutes and test nothing more here
+    settings = sc.load(path, ["training.epochs=1", "data.train_limit=2000",
+                              "data.test_limit=1000"])
     data = {"mnist": MNIST, "fashion-mnist": FASHION}.get(settings["data"]["dataset"])
     if data is None or not (data / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no {settings['data']['dataset']} files")
