@@ -211,7 +211,7 @@ class FFSimulator(Simulator):
                                 output=net.readout or net.layers[-1])
             self._eval = Simulator(plan, threads=self.threads)
         for name in net.circuit.projections:
-            self._eval.plan.view(f"{name}.W")[...] = self.plan.view(f"{name}.W")
+            self._eval.view(f"{name}.W")[...] = self.view(f"{name}.W")
         return self._eval
 
     def goodness(self, X) -> np.ndarray:
@@ -228,7 +228,7 @@ class FFSimulator(Simulator):
             for lab in range(C):
                 ev.outputs(embed_label(xb, lab, C, net.label_strength))
                 for h in net.goodness_layers:
-                    d = ev.plan.view(f"{h}.drive@probe", nb)
+                    d = ev.view(f"{h}.drive@probe", nb)
                     a = np.empty_like(d)
                     K.apply_f(a, d, codes[h])
                     out[s:s + nb, lab] += np.einsum("ij,ij->i", a, a, dtype=np.float64)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ValidationError
 from .init import AbstractInit, HeUniform, as_init
-from .kernels.ops import ERF, IDENTITY, RELU, RMS_NORM, SIGMOID, SOFTMAX, TANH
+from .optable import ERF, IDENTITY, RELU, RMS_NORM, SIGMOID, SOFTMAX, TANH
 from .params import check_choice, check_float, check_int, check_name
 from .units import to_seconds
 

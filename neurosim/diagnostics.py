@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ValidationError
-from .kernels import ops as K
 from .monitors import AbstractMonitor
 from .params import check_int
 
@@ -38,20 +37,11 @@ def _chain(pb, error, where):
     return _layered_chain(pb, error, where)
 
 
-def _guarded(pb, every, where, emit_body):
-    """Emit ``GUARD(every)`` + the body; the GUARD skips the body except every ``every`` trials."""
-    sec = pb._pb.sections[pb._pb.current]
-    g = pb.emit(K.GUARD, (every, 0), (), where)
-    n0 = len(sec)
-    out = emit_body()
-    sec[g][0][2] = len(sec) - n0
-    return out
-
-
 def _fprime(pb, dst, pop, phase):
     pb.deriv(dst, pb.drive(pop, phase), pop)
     if pb.circuit.populations[pop].dropout > 0:
-        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True))
+        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True,
+                                   kind="state"))
 
 
 def _update_buffer(pb, projection, where, update=None):
@@ -131,8 +121,9 @@ class GradientAlignment(AbstractMonitor):
                     alpha=c.projections[self.projection].gain, where=where)
 
         with pb.at("trial_end"):
-            _guarded(pb, self.every, where, body)
-            pb.emit(K.RECORD_STAT, (dW, index, 1, G, 0), (), where)
+            with pb.every(self.every, where):
+                body()
+            pb.op("RECORD_STAT", where, src=dW, monitor=index, kind=1, other=G)
         return dict(key=self.key, kind="stat", size=1, per="trial", every=self.every)
 
 
@@ -185,8 +176,9 @@ class PepitaAfaAngle(AbstractMonitor):
             pb.gemm(A, u, pb.rate(pops[li], ph), trans_a=True, alpha=-1.0, where=where)
 
         with pb.at("trial_end"):
-            _guarded(pb, self.every, where, body)
-            pb.emit(K.RECORD_STAT, (dW, index, 1, A, 0), (), where)
+            with pb.every(self.every, where):
+                body()
+            pb.op("RECORD_STAT", where, src=dW, monitor=index, kind=1, other=A)
         return dict(key=self.key, kind="stat", size=1, per="trial", every=self.every)
 
 

@@ -503,8 +503,9 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
         for epoch in range(start_epoch, tr["epochs"]):
             lr = opt.lr_at(epoch)
             sim.set_lr(lr)
+            sim.set_epoch(epoch)
             if stats is not None:
-                sim.plan.view("stats.correct")[...] = 0
+                sim.view("stats.correct")[...] = 0
             order = shuffled_order(tr["seed"], epoch, n)
             done = [0]
 
@@ -519,7 +520,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                 row = {"epoch": epoch + 1, "lr": lr, "samples_per_s": n / t_train,
                        "epoch_s": t_train}
                 if stats is not None:
-                    c = sim.plan.view("stats.correct")
+                    c = sim.view("stats.correct")
                     row["train_accuracy_running"] = float(c[0, 0] / max(c[0, 1], 1))
                 else:
                     row["train_accuracy_running"] = float("nan")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from ..circuit import ErrorPopulation, Population
 from ..errors import ValidationError
-from ..kernels import ops as K
+from ..optable import RMS_NORM, SIGMOID, SOFTMAX
 from ..params import check_choice, check_float
 from .base import PlasticityRule, register_builder
 
@@ -66,7 +66,7 @@ class NormalizedPopulation(Population):
 
 def is_normalized(pop) -> bool:
     """Whether a population's output rate is RMS-normalised."""
-    return int(getattr(pop, "code", 0)) >= K.RMS_NORM
+    return int(getattr(pop, "code", 0)) >= RMS_NORM
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
             raise ValidationError(f"{cls}.projections", f"projection {name!r} is fixed "
                                   "(plastic=False).")
         post = c.populations[proj.post]
-        if post.code == K.SOFTMAX and rule.target != proj.post:
+        if post.code == SOFTMAX and rule.target != proj.post:
             if rule.third_factor == "goodness" or rule.peer_normalization:
                 raise ValidationError(f"{cls}.projections", f"{name!r} ends in the softmax "
                                       f"population {proj.post!r}, which has no goodness.")
@@ -231,7 +231,7 @@ def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
                     goodness.setdefault(post, {})[phase] = _goodness_factor(
                         pb, rule, post, phase, sign, y)
                 if pv is not None:
-                    pb.emit(K.BIAS, (y, pv), (), f"population {post!r} (peer normalisation)")
+                    pb.op("BIAS", f"population {post!r} (peer normalisation)", dst=y, bias=pv)
                 terms.append((sign, y, phase))
             (sa, ya, pha), (sh, yh, phh) = terms
             diff = None
@@ -262,8 +262,8 @@ def _activity(pb, rule, post, phase, sign):
     if not is_normalized(pop):
         return pb.rate(post, phase), False
     y = pb.scratch(_key(rule, post, phase, sign, "y"), pop.size)
-    pb.emit(K.APPLY, (y, pb.drive(post, phase), pop.code - K.RMS_NORM), (),
-            f"population {post!r} (activity)")
+    pb.op("APPLY", f"population {post!r} (activity)", dst=y, src=pb.drive(post, phase),
+          code=pop.code - RMS_NORM)
     if pop.dropout > 0:
         pb.mul(y, y, pb.buffer(f"{post}.mask", 0, pop.size, True))
     return y, True
@@ -284,12 +284,12 @@ def _goodness_factor(pb, rule, post, phase, sign, y):
     G = pb.scratch(_key(rule, post, phase, sign, "G"), 1)
     q = pb.scratch(_key(rule, post, phase, sign, "q"), 1)
     where = f"population {post!r} (goodness)"
-    pb.emit(K.ROW_SUMSQ, (G, y), (1.0,), where)
+    pb.op("ROW_SUMSQ", where, dst=G, src=y, scale=1.0)
     pb.copy(q, G, where)
     s = 1.0 if sign > 0 else -1.0        # sigmoid(s (G - theta) / T)
-    pb.emit(K.AFFINE, (q,), (s / T, -s * theta / T), where)
-    pb.emit(K.APPLY, (q, q, K.SIGMOID), (), where)
-    pb.emit(K.ROW_SCALE, (y, q), (), where)
+    pb.op("AFFINE", where, dst=q, s=s / T, c=-s * theta / T)
+    pb.op("APPLY", where, dst=q, src=q, code=SIGMOID)
+    pb.op("ROW_SCALE", where, dst=y, s=q)
     return G
 
 
@@ -304,7 +304,7 @@ def _peer_vector(pb, rule, post, y):
     ones_r = pb.persistent(f"{rule.name}.ones{n}.row", 1, n, init=[[1.0] * n])
     mbar = pb.scratch(f"{rule.name}.{post}.peer_mbar", 1, rows=1)
     pv = pb.scratch(f"{rule.name}.{post}.peer", n, rows=1)
-    pb.emit(K.COL_MEAN, (m, y), (1.0 - rule.peer_decay, rule.peer_decay), where)
+    pb.op("COL_MEAN", where, dst=m, src=y, alpha=1.0 - rule.peer_decay, beta=rule.peer_decay)
     pb.gemm(mbar, m, ones_c, alpha=1.0 / n, where=where)
     pb.gemm(pv, mbar, ones_r, alpha=lam, where=where)
     pb.axpy(pv, m, -lam, where)
@@ -316,7 +316,7 @@ def _target(pb, rule):
     n = pb.circuit.populations[rule.target].size
     t = pb.scratch(f"{rule.name}.target", n)
     with pb.at("trial_start"):
-        pb.emit(K.ONEHOT, (t,), (1.0, 0.0), f"{type(rule).__name__} target")
+        pb.op("ONEHOT", f"{type(rule).__name__} target", dst=t)
     return t
 
 

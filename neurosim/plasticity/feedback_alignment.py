@@ -117,7 +117,8 @@ def _fprime(pb, dst, pop, phase):
     """dst *= f'(a_pop) [* mask]."""
     pb.deriv(dst, pb.drive(pop, phase), pop)
     if pb.circuit.populations[pop].dropout > 0:
-        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True))
+        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True,
+                                   kind="state"))
 
 
 @register_builder(BP)

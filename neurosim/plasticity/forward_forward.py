@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ValidationError
-from ..kernels import ops as K
+from ..optable import RMS_NORM, SOFTMAX
 from ..monitors import AbstractMonitor
 from ..params import check_choice, check_float, check_int
 from .base import register_builder
@@ -148,18 +148,20 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
     lab = pb.scratch(f"{rule.name}.negative_label", 1)
     where = "ForwardForward labels"
     with pb.at("trial_start"):
-        pb.emit(K.EMBED_LABEL, (buf["positive"], 0, 0, C), (ls, 0.0), where)
+        pb.op("EMBED_LABEL", where, dst=buf["positive"], source=0, ncls=C, on=ls, off=0.0)
         if "neutral" in buf:
             pb.copy(buf["neutral"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["neutral"], 0, 0, C), (ls / C, ls / C), where)
+            pb.op("EMBED_LABEL", where, dst=buf["neutral"], source=0, ncls=C, on=ls / C,
+                  off=ls / C)
         if rule.negatives == "uniform":
-            pb.emit(K.WRONG_LABEL, (lab, pb.key(f"{rule.name}:negatives"), C), (), where)
+            pb.op("WRONG_LABEL", where, dst=lab, key=pb.key(f"{rule.name}:negatives"), ncls=C)
             pb.copy(buf["negative"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["negative"], 1, lab, C), (ls, 0.0), where)
+            pb.op("EMBED_LABEL", where, dst=buf["negative"], source=1, labels=lab, ncls=C,
+                  on=ls, off=0.0)
     names = [p.name for p in protocol.phases]
     if rule.readout is not None:
         ro = c.populations.get(rule.readout)
-        if ro is None or ro.code != K.SOFTMAX or ro.size != C:
+        if ro is None or ro.code != SOFTMAX or ro.size != C:
             raise ValidationError("ForwardForward.readout", f"{rule.readout!r} must be a softmax "
                                   f"population of {C} units.")
         if rule.neutral is None:
@@ -171,14 +173,15 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
                                   f"end of {rule.neutral!r}, which must come before the negative "
                                   f"phase {rule.anti_hebbian!r} (order {names}).")
         with pb.at(f"{rule.neutral}:post"):
-            pb.emit(K.SAMPLE_WRONG, (lab, pb.rate(rule.readout, rule.neutral),
-                                     pb.key(f"{rule.name}:negatives")), (), where)
+            pb.op("SAMPLE_WRONG", where, dst=lab, probs=pb.rate(rule.readout, rule.neutral),
+                  key=pb.key(f"{rule.name}:negatives"))
             pb.copy(buf["negative"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["negative"], 1, lab, C), (ls, 0.0), where)
+            pb.op("EMBED_LABEL", where, dst=buf["negative"], source=1, labels=lab, ncls=C,
+                  on=ls, off=0.0)
     if rule.readout is not None:
         with pb.at(f"{rule.neutral}:post"):
-            pb.emit(K.COUNT_CORRECT, (pb.rate(rule.readout, rule.neutral),
-                                      pb.buffer("stats.correct", 1, 2)), (), "training accuracy")
+            pb.op("COUNT_CORRECT", "training accuracy", out=pb.rate(rule.readout, rule.neutral),
+                  stats=pb.buffer("stats.correct", 1, 2, kind="stats"))
 
 
 @dataclass(frozen=True)
@@ -236,13 +239,13 @@ class Goodness(AbstractMonitor):
         a = pb.scratch(f"monitor{index}.activity", pop.size)
         G = pb.scratch(f"monitor{index}.goodness", 1)
         with pb.at("trial_end"):
-            pb.emit(K.GUARD, (self.every, 2), (), where)
-            if is_normalized(pop):
-                pb.emit(K.APPLY, (a, pb.drive(self.population, self.phase),
-                                  pop.code - K.RMS_NORM), (), where)
-            else:
-                pb.copy(a, pb.rate(self.population, self.phase), where)
-            pb.emit(K.ROW_SUMSQ, (G, a), (1.0,), where)
-            pb.emit(K.RECORD, (G, index, 1), (), where)
+            with pb.every(self.every, where):
+                if is_normalized(pop):
+                    pb.op("APPLY", where, dst=a, src=pb.drive(self.population, self.phase),
+                          code=pop.code - RMS_NORM)
+                else:
+                    pb.copy(a, pb.rate(self.population, self.phase), where)
+                pb.op("ROW_SUMSQ", where, dst=G, src=a, scale=1.0)
+            pb.op("RECORD", where, src=G, monitor=index, per=1)
         return dict(key=self.key, kind="var", size=1, per="trial", every=self.every, u0=0,
                     sample=-1, phase=self.phase)

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CompileError, ValidationError
-from ..kernels import ops as K
+from ..optable import RELU, SOFTMAX
 from ..params import check_choice, check_float, check_int
 from .base import PlasticityRule, register_builder
 from .optim import SGD
@@ -92,12 +92,13 @@ def _layered_chain(pb, error_name, where):
 
 def _const(pb, name, rows, cols, value):
     """A persistent constant buffer (never written by any instruction)."""
-    return pb.persistent(f"const.{name}", rows, cols, init=np.full((rows, cols), value, np.float32))
+    return pb.persistent(f"const.{name}", rows, cols, init=np.full((rows, cols), value, np.float32),
+                         kind="constant")
 
 
 def _ones_batch(pb):
     """A batch-shaped (B, 1) column of ones (its view has the minibatch's nb rows)."""
-    return pb.buffer("const.ones_batch", pb.batch, 1, True,
+    return pb.buffer("const.ones_batch", pb.batch, 1, True, kind="constant",
                      init=np.ones((pb.batch, 1), np.float32))
 
 
@@ -108,31 +109,18 @@ def _col_of(pb, name, rows, scalar):
     return col
 
 
-def _fused_or_plain_step(pb, name, post, pre, alpha, opt, section_tag, wd, fuse=True):
+def _step(pb, name, post, pre, alpha, opt, section_tag, wd):
     """Emit ``dW = alpha post^T pre`` and an SGD-with-momentum step of projection ``name`` with
-    its own velocity buffer ``<name>.<tag>.V`` (so several steps per trial do not share one)."""
-    c = pb.circuit
-    shape = c.shape_of(c.projections[name])
-    W = pb.weight(name)
-    V = pb.buffer(f"{name}.{section_tag}.V", *shape)
-    style = opt.style_code
-    where = f"projection {name!r}"
-    scale = opt.scale_of(name)
-    lr = opt.lr * scale
-    # as the compiler's own steps: Simulator.set_lr(lr) writes lr * scale into column 0 of the
-    # SGD instruction (scale in column 4) and column 2 of a fused GEMM (scale in column 3)
-    if wd == 0.0 and fuse:   # fold the momentum update into the GEMM: V = m V + alpha lr/nb ...
-        pb.emit(K.GEMM, (V, post, pre, 1, 0, 1),
-                (alpha, opt.momentum, lr if style == 0 else 1.0, scale),
-                ("lr2", where) if style == 0 else where)
-        pb.emit(K.SGD, (W, V, V, style + 2), (lr, opt.momentum, 0.0, opt.max_weight, scale),
-                ("lr", where))
-    else:
-        dW = pb.buffer(f"{name}.{section_tag}.dW", *shape)
-        pb.gemm(dW, post, pre, trans_a=True, alpha=alpha, where=where)
-        pb.emit(K.SGD, (W, V, dW, style), (lr, opt.momentum, wd, opt.max_weight, scale),
-                ("lr", where))
-        return dW
+    its own velocity buffer ``<name>.<tag>.V`` (so several steps per trial do not share one);
+    the compiler's fusion pass folds the momentum update into the GEMM when nothing else reads
+    dW and ``wd == 0``."""
+    from ..compiler import emit_sgd
+
+    shape = pb.circuit.shape_of(pb.circuit.projections[name])
+    dW = pb.buffer(f"{name}.{section_tag}.dW", *shape, kind="optimizer")
+    pb.gemm(dW, post, pre, trans_a=True, alpha=alpha, where=f"projection {name!r}")
+    emit_sgd(pb, name, dW, opt, weight_decay=wd, velocity=f"{name}.{section_tag}.V")
+    return dW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +147,7 @@ class NormalizedPEPITA(PEPITA):
 def _emit_normalize(pb, rule, dst, src, size):
     """dst = src / ||src_b|| per row (sample) or src / ||src||_F (batch)."""
     eps = rule.eps
-    pb.emit(K.ROW_NORMALIZE, (dst, src), (eps,), f"{rule.name} normalization")
+    pb.op("ROW_NORMALIZE", f"{rule.name} normalization", dst=dst, src=src, eps=eps)
     pb.scale(dst, 1.0 / math.sqrt(size))            # ROW_NORMALIZE divides by the RMS
     if rule.norm == "sample":
         return
@@ -170,17 +158,18 @@ def _emit_normalize(pb, rule, dst, src, size):
     prod = pb.scratch(f"{tag}.prod", size)
     r = pb.scratch(f"{tag}.r", 1)
     D = pb.scratch(f"{tag}.D", B)
-    eye = pb.buffer(f"const.eye{B}", B, B, True, init=np.eye(B, dtype=np.float32))
+    eye = pb.buffer(f"const.eye{B}", B, B, True, init=np.eye(B, dtype=np.float32),
+                    kind="constant")
     u = pb.persistent(f"{tag}.u", 1, B)
     col = pb.scratch(f"{tag}.col", 1)
     pb.mul(prod, src, dst)
     pb.gemm(r, prod, _const(pb, f"ones{size}x1", size, 1, 1.0))
     pb.gemm(D, r, _const(pb, f"ones1x{B}", 1, B, 1.0))
     pb.mul(D, D, eye)
-    pb.emit(K.COL_MEAN, (u, D), (1.0, 0.0), f"{rule.name} normalization")
-    pb.emit(K.ROW_NORMALIZE, (u, u), (eps,), f"{rule.name} normalization")
+    pb.op("COL_MEAN", f"{rule.name} normalization", dst=u, src=D, alpha=1.0, beta=0.0)
+    pb.op("ROW_NORMALIZE", f"{rule.name} normalization", dst=u, src=u, eps=eps)
     pb.gemm(col, eye, u, trans_b=True)
-    pb.emit(K.ROW_SCALE, (dst, col), (), f"{rule.name} normalization")
+    pb.op("ROW_SCALE", f"{rule.name} normalization", dst=dst, s=col)
     pb.scale(dst, 1.0 / math.sqrt(B))
 
 
@@ -217,7 +206,7 @@ def build_normalized_pepita(pb, rule: NormalizedPEPITA):
         logits = pb.scratch(f"{rule.name}.logits@{phase}", n_out)
         out = pb.scratch(f"{rule.name}.out@{phase}", n_out)
         pb.gemm(logits, norm[(hidden[-1], phase)], W_L, trans_b=True, alpha=gain_L)
-        pb.emit(K.APPLY, (out, logits, K.SOFTMAX), (), f"{rule.name} normalized output")
+        pb.op("APPLY", f"{rule.name} normalized output", dst=out, src=logits, code=SOFTMAX)
         pb.sub(err_dst, out, t)
 
     err_clean = pb.rate(err.name, rule.clean)
@@ -294,15 +283,13 @@ def build_pepita_time_local(pb, rule: PEPITATimeLocal):
         if not proj.plastic:
             raise ValidationError("PEPITATimeLocal.projections", f"projection {name!r} is fixed "
                                   "(plastic=False) but the rule updates it.")
-        fuse = not rule.record_update
         with pb.at(f"{rule.clean}:post"):      # anti-Hebbian: W -= lr/B h_l h_{l-1}^T
-            d_c = _fused_or_plain_step(pb, name, pb.rate(proj.post, rule.clean),
-                                       pb.rate(proj.pre_population, rule.clean), 1.0, opt,
-                                       rule.clean, 0.0, fuse)
+            d_c = _step(pb, name, pb.rate(proj.post, rule.clean),
+                        pb.rate(proj.pre_population, rule.clean), 1.0, opt, rule.clean, 0.0)
         with pb.at(f"{rule.modulated}:post"):  # Hebbian: W += lr/B h~_l h~_{l-1}^T (t for last)
             post = t if proj.post == err.output else pb.rate(proj.post, rule.modulated)
-            d_m = _fused_or_plain_step(pb, name, post, pb.rate(proj.pre_population, rule.modulated),
-                                       -1.0, opt, rule.modulated, opt.weight_decay, fuse)
+            d_m = _step(pb, name, post, pb.rate(proj.pre_population, rule.modulated), -1.0, opt,
+                        rule.modulated, opt.weight_decay)
             if rule.record_update:
                 upd = pb.persistent(f"{rule.name}.{name}.update", *c.shape_of(proj))
                 pb.copy(upd, d_c)
@@ -378,11 +365,11 @@ def _step01(pb, dst, src, shift, tag):
     """dst = [src + shift >= 0] for integer-valued (1, 1) src: relu(x + 1) - relu(x)."""
     a = pb.persistent(f"{tag}.a", 1, 1)
     pb.copy(a, src)
-    pb.emit(K.AFFINE, (a,), (1.0, shift + 1.0), tag)
-    pb.emit(K.APPLY, (a, a, K.RELU), (), tag)
+    pb.op("AFFINE", tag, dst=a, s=1.0, c=shift + 1.0)
+    pb.op("APPLY", tag, dst=a, src=a, code=RELU)
     pb.copy(dst, src)
-    pb.emit(K.AFFINE, (dst,), (1.0, shift), tag)
-    pb.emit(K.APPLY, (dst, dst, K.RELU), (), tag)
+    pb.op("AFFINE", tag, dst=dst, s=1.0, c=shift)
+    pb.op("APPLY", tag, dst=dst, src=dst, code=RELU)
     pb.sub(dst, a, dst)
 
 
@@ -428,20 +415,20 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
             g_w = pb.persistent(f"{tag}.g_w", 1, 1)
             tmp = pb.persistent(f"{tag}.tmp", 1, 1)
             # z <- (z + 1) mod kT: the position of trial n-1-PT in its cycle of k epochs
-            pb.emit(K.AFFINE, (z,), (1.0, 1.0), tag)
+            pb.op("AFFINE", tag, dst=z, s=1.0, c=1.0)
             _step01(pb, tmp, z, -float(k * T), f"{tag}.wrap")
             pb.axpy(z, tmp, -float(k * T))
             # g_pre = [n < PT]; g_w = 1 - g_pre (weight updates allowed)
             _step01(pb, g_w, n, -float(P * T), f"{tag}.pre")
             pb.copy(g_pre, g_w)
-            pb.emit(K.AFFINE, (g_pre,), (-1.0, 1.0), tag)
+            pb.op("AFFINE", tag, dst=g_pre, s=-1.0, c=1.0)
             # g_wm = g_pre + [n >= PT + 1] * [z < T]
             _step01(pb, g_wm, n, -float(P * T + 1), f"{tag}.post")
             _step01(pb, tmp, z, -float(T), f"{tag}.cyc")
-            pb.emit(K.AFFINE, (tmp,), (-1.0, 1.0), tag)
+            pb.op("AFFINE", tag, dst=tmp, s=-1.0, c=1.0)
             pb.mul(g_wm, g_wm, tmp)
             pb.axpy(g_wm, g_pre, 1.0)
-            pb.emit(K.AFFINE, (n,), (1.0, 1.0), tag)                     # next trial
+            pb.op("AFFINE", tag, dst=n, s=1.0, c=1.0)                     # next trial
         for l in range(L if rule.lr > 0 else 0):     # lr = 0: F = B_1 ... B_L, never mirrored
             pre, post = pops[l], pops[l + 1]
             fan_in, fan_out = c.populations[pre].size, c.populations[post].size
@@ -450,30 +437,31 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
             y = pb.scratch(f"{tag}.y{l}", fan_out)
             key = pb.key(f"{tag}:noise:{l}")
             if rule.noise_dist == "gaussian":
-                pb.emit(K.GAUSS, (xi, key), (rule.noise,), f"{tag} noise")
+                pb.op("GAUSS", f"{tag} noise", dst=xi, key=key, scale=rule.noise)
             else:
-                pb.emit(K.MASK, (xi, key), (0.5,), f"{tag} noise")                      # {0, 2}
-                pb.emit(K.AFFINE, (xi,), (rule.noise, -rule.noise), f"{tag} noise")   # +-noise
+                pb.op("MASK", f"{tag} noise", dst=xi, key=key, keep=0.5)                 # {0, 2}
+                pb.op("AFFINE", f"{tag} noise", dst=xi, s=rule.noise, c=-rule.noise)   # +-noise
             m = pb.persistent(f"{tag}.colmean{l}", 1, fan_in)
             mu = pb.persistent(f"{tag}.mean{l}", 1, 1)
             mrow = pb.persistent(f"{tag}.meanrow{l}", 1, fan_in)
-            pb.emit(K.COL_MEAN, (m, xi), (1.0, 0.0), f"{tag} noise mean")
+            pb.op("COL_MEAN", f"{tag} noise mean", dst=m, src=xi, alpha=1.0, beta=0.0)
             pb.gemm(mu, m, _const(pb, f"ones{fan_in}x1", fan_in, 1, 1.0), alpha=1.0 / fan_in)
             pb.gemm(mrow, mu, _const(pb, f"ones1x{fan_in}", 1, fan_in, 1.0))
             pb.gemm(xi, ones_b, mrow, alpha=-1.0, beta=1.0)                # xi -= mean(xi)
             if gated:
                 gcol = pb.scratch(f"{tag}.gcol", 1)
                 pb.gemm(gcol, ones_b, g_wm)
-                pb.emit(K.ROW_SCALE, (xi, gcol), (), f"{tag} gate")
+                pb.op("ROW_SCALE", f"{tag} gate", dst=xi, s=gcol)
             pb.gemm(a, xi, pb.weight(projs[l]), trans_b=True,                # block_l(xi)
                     alpha=c.projections[projs[l]].gain)
-            pb.emit(K.APPLY, (y, a, c.populations[post].code), (), f"{tag} block")
+            pb.op("APPLY", f"{tag} block", dst=y, src=a, code=c.populations[post].code)
             if c.populations[post].dropout > 0:
                 pb.mul(y, y, pb.buffer(f"{post}.mask", 0, fan_out, True))
             # B_l += (lr' / nb) xi^T y, lr' = lr / (1 - lr wd): the decay B_l *= 1 - lr wd is a
             # common factor of every B_l that the rescaling below undoes exactly, so it is folded
             # into the step size (the GEMM's run-time 1/nb: fused flag with factor 1)
-            pb.emit(K.GEMM, (Bs[l], xi, y, 1, 0, 1), (eta, 1.0, 1.0), f"{tag} B update")
+            pb.op("GEMM", f"{tag} B update", c=Bs[l], a=xi, b=y, trans_a=1, fused=1, alpha=eta,
+                  beta=1.0)
         # F' = B_1 (B_2 (... B_L)), right to left (small intermediates: fan_in_l x n_out)
         Fw = pb.weight(fb.name)
         prod = Bs[-1]
@@ -489,27 +477,27 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
         w = pb.persistent(f"{tag}.w", 1, 1)
         y_ = pb.persistent(f"{tag}.g", 1, 1)
         yp = pb.persistent(f"{tag}.gp", 1, 1)
-        pb.emit(K.ROW_SUMSQ, (rs, Fw), (1.0,), f"{tag} rescale")
+        pb.op("ROW_SUMSQ", f"{tag} rescale", dst=rs, src=Fw, scale=1.0)
         pb.gemm(w, rs, _const(pb, f"ones{d_in}x1", d_in, 1, 1.0), trans_a=True,
                 alpha=1.0 / (d_in * n_out * sd_f * sd_f))
         p = 2 * L
         y0 = ((p + 1.0) / 1e4) ** (1.0 / p)     # w y0^p < p + 1 for every w < 1e4
-        pb.emit(K.AFFINE, (y_,), (0.0, y0), tag)
+        pb.op("AFFINE", tag, dst=y_, s=0.0, c=y0)
         for _ in range(rule.newton_steps):
             pb.copy(yp, y_)
             for _ in range(p - 1):
                 pb.mul(yp, yp, y_)                                             # y^p
             pb.mul(yp, yp, w)
-            pb.emit(K.AFFINE, (yp,), (-1.0 / p, (p + 1.0) / p), tag)
+            pb.op("AFFINE", tag, dst=yp, s=-1.0 / p, c=(p + 1.0) / p)
             pb.mul(y_, y_, yp)                                                 # y (p+1 - w y^p)/p
         for l in range(L):
             fan_in = c.populations[pops[l]].size
-            pb.emit(K.ROW_SCALE, (Bs[l], _col_of(pb, f"{tag}.g", fan_in, y_)), (), tag)
+            pb.op("ROW_SCALE", tag, dst=Bs[l], s=_col_of(pb, f"{tag}.g", fan_in, y_))
         gL = pb.persistent(f"{tag}.gL", 1, 1)
         pb.copy(gL, y_)
         for _ in range(L - 1):
             pb.mul(gL, gL, y_)
-        pb.emit(K.ROW_SCALE, (Fw, _col_of(pb, f"{tag}.gL", d_in, gL)), (), tag)
+        pb.op("ROW_SCALE", tag, dst=Fw, s=_col_of(pb, f"{tag}.gL", d_in, gL))
     if gated and rule.premirror_epochs > 0:
         # pre-mirroring: no weight update; zero the updates written by the rules before this one
         g_w = pb._index[f"{tag}.g_w"]
@@ -517,5 +505,5 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
             for name in list(pb.grads):
                 post, _ = c.shape_of(c.projections[name])
                 dW, _ = pb.grad(name)
-                pb.emit(K.ROW_SCALE, (dW, _col_of(pb, f"{tag}.g_w", post, g_w)), (),
-                        f"{tag} pre-mirroring gate")
+                pb.op("ROW_SCALE", f"{tag} pre-mirroring gate", dst=dW,
+                      s=_col_of(pb, f"{tag}.g_w", post, g_w))
