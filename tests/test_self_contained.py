@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # written in pieces so that this file does not match itself
 MACHINE = re.compile("|".join([r"/" + "work/", r"/" + "root/", r"/" + "home/",
-                               r"shared/" + "reference", r"/Users/"]))
+                               r"shared/" + "reference", r"/" + "Users/"]))
 TEXT = {".py", ".md", ".toml", ".txt", ".cfg", ".ini", ".sh", ".yml", ".yaml", ".json", ""}
 
 
