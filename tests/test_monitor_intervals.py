@@ -171,3 +171,28 @@ def test_train_eval_is_a_clean_evaluation_of_the_first_samples(tmp_path, data):
     assert ev == sim.evaluate(ds.x_train[:100], ds.y_train[:100])
     # train_eval is bookkeeping: it does not change the hash (a run may be resumed with it on)
     assert training.scenario_hash(settings) == training.scenario_hash(sc.load(path))
+
+
+def test_resume_reads_checkpoints_that_name_the_running_accuracy_train_accuracy(tmp_path, data):
+    """Checkpoints of neurosim 0.1 hold metrics rows with ``train_accuracy``; a resumed run
+    writes that column as ``train_accuracy_running``."""
+    import json
+
+    path = _write(tmp_path, 1, "")
+    out = tmp_path / "run"
+    training.run(sc.load(path), out, data_dir=data, progress=False, log=lambda *a: None)
+    ck = training.latest_checkpoint(out)
+    with np.load(ck) as z:
+        arrays = {k: z[k] for k in z.files}
+    rows = json.loads(bytes(arrays["metrics"]).decode())
+    first = rows[0].pop("train_accuracy_running")
+    rows[0].pop("train_accuracy_eval")
+    rows[0]["train_accuracy"] = first
+    arrays["metrics"] = np.frombuffer(json.dumps(rows).encode(), np.uint8)
+    np.savez(ck, **arrays)
+    training.run(sc.load(out / "scenario.toml", ["training.epochs=2"]), out, resume=True,
+                 progress=False, log=lambda *a: None)
+    with open(out / "metrics.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [float(r["train_accuracy_running"]) for r in got][0] == first
+    assert np.isfinite(float(got[1]["train_accuracy_running"]))
