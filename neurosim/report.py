@@ -256,9 +256,10 @@ def plot_learning(path: Path, curves: list, title: str) -> Path:
     for k, curve in enumerate(curves):
         label, ep, test, test_sd, train, train_sd, lr = curve[:7]
         ev, ev_sd = (curve[7], curve[8]) if len(curve) > 7 else (None, None)
-        color = f"C{k % 10}"
-        for (kind, ls, marker, what), y, sd in zip(
-                _LEARNING_LINES, (test, train, ev), (test_sd, train_sd, ev_sd)):
+        for j, ((kind, ls, marker, what), y, sd) in enumerate(zip(
+                _LEARNING_LINES, (test, train, ev), (test_sd, train_sd, ev_sd))):
+            # one run: a colour per kind of accuracy; several: a colour per run
+            color = f"C{j}" if len(curves) == 1 else f"C{k % 10}"
             if y is None:
                 continue
             ok = np.isfinite(y)
@@ -279,7 +280,7 @@ def plot_learning(path: Path, curves: list, title: str) -> Path:
                             textcoords="offset points", xytext=(8, -3), fontsize=8)
             all_ep.extend(ep[ok])
         if lr is not None and np.isfinite(lr).all() and len(np.unique(lr)) > 1:
-            lrs.append((ep, lr, color))
+            lrs.append((ep, lr, "C7" if len(curves) == 1 else f"C{k % 10}"))
     _single_x(ax, all_ep)
     if len(set(all_ep)) <= 10 and all_ep:
         ax.set_xticks(sorted(set(all_ep)))
