@@ -341,7 +341,11 @@ def _from_settings(s):
 
 def make_ff_simulator(settings: dict) -> FFSimulator:
     """The scenario's network compiled with Hinton's optimizer and the goodness monitors
-    (``[[monitor]] target = "h1.goodness", phase = "positive"``); standard monitors otherwise."""
+    (``[[monitor]] target = "h1.goodness", phase = "positive"``); standard monitors otherwise.
+    Monitor intervals in epochs are resolved for the nominal training-set size."""
+    from neurosim import scenario as sc
+
+    settings = sc.with_trial_intervals(settings)
     net = network_from_settings(settings)
     tr, m = settings["training"], settings["model"]
     opt = ff_optimizer(tr["lr"], tr["epochs"], momentum=tr["momentum"],

@@ -60,7 +60,7 @@ def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1,
     for l in range(len(pops) - 1):
         factors.append(f"B{l + 1}")
         # B_l shaped like W_l^T: post = W_l's pre, pre = W_l's post; active in no phase
-        c.feedback(pops[l + 1], pops[l], name=factors[-1], init=Normal(s), phases=())
+        c.feedback(pops[l + 1], pops[l], name=factors[-1], init=Normal(std=s), phases=())
     # mirroring=False: the same rule with lr = 0 keeps F = B_1 ... B_L (rescaled to sd_F) and
     # never changes the factors; the schedule is then irrelevant
     wm = WeightMirroring(factors=tuple(factors), feedback="F", lr=wm_lr if mirroring else 0.0,

@@ -13,7 +13,7 @@ from .backend import get_backend
 from .compiler import Plan, Program
 from .errors import SimulationError, ValidationError
 from .optable import NONFINITE_RATE, NONFINITE_WEIGHT, OK, WEIGHT_RUNAWAY
-from .monitors import Trace
+from .monitors import Trace, Traces
 from .rng import component_rng
 from .units import to_seconds
 
@@ -122,9 +122,9 @@ class Simulator:
                                   f"expected {v.shape} or ({v.shape[1]},).") from None
 
     @property
-    def traces(self) -> dict:
+    def traces(self) -> Traces:
         """Monitor results, key -> :class:`Trace` (with ``t`` in seconds for step monitors and in
-        trials for trial monitors)."""
+        trials for trial monitors); unambiguous short keys work (``"E.r"`` for ``"E.r@stim"``)."""
         out = {}
         dt = self.plan.protocol.dt
         for meta in self.plan.monitor_meta:
@@ -142,7 +142,7 @@ class Simulator:
             else:
                 t, unit = st[:, 0].astype(np.float64), "trial"
             out[meta["key"]] = Trace(meta["key"], vals, t, unit, st[:, 0], st[:, 1])
-        return out
+        return Traces(out)
 
     # -- reset ------------------------------------------------------------------------------------
     def reset(self, *, rates: bool = True, weights: bool = False, optimizer: bool = False,
@@ -328,7 +328,8 @@ class Simulator:
         if (duration is None) == (steps is None):
             raise ValidationError("Simulator.run", "give exactly one of duration or steps.")
         if steps is None:
-            steps = int(round(to_seconds(duration, "Simulator.run.duration") / plan.protocol.dt))
+            seconds = to_seconds(duration, "Simulator.run.duration", warn_bare=True)
+            steps = int(round(seconds / plan.protocol.dt))
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValidationError("Simulator.run.steps", f"got {steps!r}, expected an int >= 0.")
         if steps == 0:

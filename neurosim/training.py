@@ -5,6 +5,14 @@ A run directory holds ``scenario.toml`` (resolved), ``metrics.csv`` (one row per
 ``checkpoints/epoch-NNNN.npz`` (the last ``training.keep_checkpoints``, each written to a
 temporary file and renamed, so a killed run never leaves a half-written checkpoint).
 
+``metrics.csv`` has two training accuracies that must not be confused:
+``train_accuracy_running`` is counted while the epoch trains (each minibatch classified by the
+training pass, with dropout, by weights that change during the epoch), and
+``train_accuracy_eval`` is a separate evaluation after the epoch, like the test accuracy (no
+dropout, no plasticity), on the first ``training.train_eval`` training samples (off by default:
+NaN). Monitor intervals written in epochs (``every = "0.1 epoch"``) are resolved to whole
+minibatches from the training-set size (:func:`neurosim.scenario.resolve_intervals`).
+
 Checkpoints and bit-identical resumption
 ----------------------------------------
 A checkpoint is written after every successful epoch (never after a failed one) and holds the
@@ -41,28 +49,35 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import scenario as sc
 from .compiler import compile_plan
-from .errors import SimulationError, ValidationError
+from .errors import NeurosimWarning, SimulationError, ValidationError
 from .diagnostics import GradientAlignment
 from .monitors import Monitor
 from .plasticity.optim import SGD
 from .simulator import Simulator, shuffled_order
 
-METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_s", "wall_s",
-                 "epoch_s"]
+METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy_running", "train_accuracy_eval", "lr",
+                 "samples_per_s", "wall_s", "epoch_s"]
+MIN_TRACE_POINTS = 3
+"""A monitor that would record fewer points than this over a whole run draws a warning."""
 
 
 def make_simulator(settings: dict) -> Simulator:
     """Build and compile the scenario's circuit; returns a ready Simulator.
 
     Errors raised by the descriptions are reported under scenario key paths (``monitor[1].phase``,
-    ``simulation.dt``, ``model.sizes``) rather than the engine's object names."""
+    ``simulation.dt``, ``model.sizes``) rather than the engine's object names. Monitor intervals
+    still in epochs are resolved for the nominal training-set size
+    (:func:`neurosim.scenario.with_trial_intervals`)."""
+    settings = sc.with_trial_intervals(settings)
     try:
         circuit, protocol, rules, output = sc.build(settings)
     except ValidationError as e:
@@ -170,7 +185,7 @@ def _check_memory(circuit, protocol, batch: int) -> None:
 # (e.g. more epochs, another data folder, more BLAS threads).
 _NOT_HASHED = {"name": None, "description": None, "data": ("dir", "verify"),
                "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads",
-                            "backend")}
+                            "backend", "train_eval")}
 
 
 def scenario_hash(settings: dict) -> str:
@@ -320,10 +335,45 @@ def load_data(settings: dict, data_dir=None):
     return ds, x_test, y_test
 
 
-def simulator_for(settings: dict) -> Simulator:
+def simulator_for(settings: dict, n_train: int | None = None) -> Simulator:
     """The scenario's Simulator, made by its model's factory if it registered one
-    (:func:`neurosim.scenario.register_model`), else by :func:`make_simulator`."""
-    return (sc.simulator_for(settings) or make_simulator)(settings)
+    (:func:`neurosim.scenario.register_model`), else by :func:`make_simulator`. Monitor
+    intervals in epochs are resolved for ``n_train`` training samples (default: the nominal
+    size, :func:`neurosim.scenario.nominal_train_size`)."""
+    return _build(sc.simulator_for(settings) or make_simulator, settings, n_train)
+
+
+def _build(factory, settings: dict, n_train: int | None) -> Simulator:
+    """``factory`` on the settings with trial intervals; the builders' own warnings about bare
+    numbers of seconds are silenced (the scenario keys were checked when it was loaded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sc.BareTimeWarning)
+        return factory(sc.with_trial_intervals(settings, n_train))
+
+
+def check_trace_lengths(sim: Simulator, settings: dict, n_train: int) -> list:
+    """Warn (:class:`~neurosim.errors.NeurosimWarning`) about every monitor that records fewer
+    than :data:`MIN_TRACE_POINTS` points over the whole run; returns the messages."""
+    per_epoch = math.ceil(n_train / settings["training"]["batch_size"])
+    trials = settings["training"]["epochs"] * per_epoch
+    steps = trials * getattr(sim.plan.train, "steps_per_trial", 1)
+    written = {m["name"] or m["target"]: m["every"] for m in settings.get("monitor", ())}
+    notes = []
+    for meta in getattr(sim.plan, "monitor_meta", ()):
+        every, per = meta.get("every", 1), meta.get("per", "trial")
+        n = (steps if per == "step" else trials)
+        points = (n - 1) // every + 1 if n > 0 else 0
+        if points < MIN_TRACE_POINTS:
+            asked = written.get(meta["key"], written.get(meta["key"].split("@")[0], every))
+            unit = "time steps" if per == "step" else "minibatches"
+            given = f" (every = {asked!r})" if isinstance(asked, str) else ""
+            notes.append(f"monitor {meta['key']!r} records every {every} {unit}{given}, so "
+                         f"{points} point(s) in this run of "
+                         f"{settings['training']['epochs']} epoch(s) x {per_epoch} minibatches. "
+                         "Give every in epochs (e.g. every = \"0.1 epoch\") or lower it.")
+    for text in notes:
+        warnings.warn(text, NeurosimWarning, stacklevel=2)
+    return notes
 
 
 def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progress: bool = True,
@@ -335,10 +385,16 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
     checkpoint in ``out_dir`` (from scratch if there is none). ``simulator_factory(settings)``
     replaces the model's factory (:func:`simulator_for`)."""
     out = Path(out_dir)
-    # validates the whole circuit before any I/O
-    sim = simulator_factory(settings) if simulator_factory else simulator_for(settings)
+    factory = simulator_factory or sc.simulator_for(settings) or make_simulator
+    # validates the whole circuit before any I/O (epoch intervals for the nominal data size)
+    nominal = sc.nominal_train_size(settings)
+    sim = _build(factory, settings, nominal)
     ds, x_test, y_test = load_data(settings, data_dir)
+    n_train = int(ds.x_train.shape[0])
+    if n_train != nominal and sc.has_epoch_intervals(settings):
+        sim = _build(factory, settings, n_train)   # the real size: recompile with it
     _check_data_fits(sim, ds, settings)
+    check_trace_lengths(sim, settings, n_train)
     if data_dir is not None:                 # so that --resume finds the data without --data
         settings = copy.deepcopy(settings)
         settings["data"]["dir"] = str(Path(data_dir).resolve())
@@ -347,6 +403,9 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
         ck = latest_checkpoint(out)
         if ck is not None:
             start_epoch, metrics = load_checkpoint(ck, sim, settings)
+            for r in metrics:   # checkpoints of neurosim 0.1 name the running accuracy so
+                if "train_accuracy" in r:
+                    r.setdefault("train_accuracy_running", r.pop("train_accuracy"))
             log(f"resumed from {ck} (epoch {start_epoch})")
     elif (out / "metrics.csv").exists() or latest_checkpoint(out) is not None:
         raise ValidationError("--out", f"{str(out)!r} already holds a run.",
@@ -436,6 +495,9 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
 
         bar = tqdm(total=tr["epochs"] * n, initial=start_epoch * n, unit="sample",
                    unit_scale=True, dynamic_ncols=True, disable=None)
+    # a line per epoch whenever no bar is drawn or stdout goes to a file, pipe or job log
+    log_epochs = bar is None or bar.disable or not _isatty(sys.stdout)
+    x_eval, y_eval = ds.x_train[: tr["train_eval"]], ds.y_train[: tr["train_eval"]]
     stats = sim.plan.buffer_index.get("stats.correct")
     try:
         for epoch in range(start_epoch, tr["epochs"]):
@@ -459,13 +521,14 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                        "epoch_s": t_train}
                 if stats is not None:
                     c = sim.view("stats.correct")
-                    row["train_accuracy"] = float(c[0, 0] / max(c[0, 1], 1))
+                    row["train_accuracy_running"] = float(c[0, 0] / max(c[0, 1], 1))
                 else:
-                    row["train_accuracy"] = float("nan")
+                    row["train_accuracy_running"] = float("nan")
+                row["train_accuracy_eval"] = row["test_accuracy"] = float("nan")
                 if (epoch + 1) % tr["eval_every"] == 0 or epoch + 1 == tr["epochs"]:
+                    if len(y_eval):   # predict, not evaluate: a model's evaluate may log
+                        row["train_accuracy_eval"] = float(np.mean(sim.predict(x_eval) == y_eval))
                     row["test_accuracy"] = sim.evaluate(x_test, y_test)
-                else:
-                    row["test_accuracy"] = float("nan")
             except SimulationError as e:
                 raise _diverged(e, epoch + 1, out) from e
             row["wall_s"] = time.perf_counter() - wall0
@@ -477,13 +540,33 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                 old.unlink()
             if bar is not None:
                 bar.set_postfix(test=f"{row['test_accuracy']:.4f}", lr=f"{lr:g}")
-            else:
-                log(f"epoch {epoch + 1}/{tr['epochs']}: test {row['test_accuracy']:.4f} "
-                    f"train {row['train_accuracy']:.4f} {row['samples_per_s']:.0f} samples/s")
+            if log_epochs:
+                log(_epoch_line(row, tr["epochs"]))
     finally:
         if bar is not None:
             bar.close()
     return _write_outputs(out, sim, settings, metrics, ds, final=True)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One log line per epoch; the accuracies are percentages, "-" where not measured."""
+    def pct(key):
+        v = row.get(key, math.nan)
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
+
+    text = f"epoch {row['epoch']}/{epochs}: test {pct('test_accuracy')}"
+    text += f", train running {pct('train_accuracy_running')}"
+    if math.isfinite(row.get("train_accuracy_eval", math.nan)):
+        text += f", train eval {pct('train_accuracy_eval')}"
+    return (text + f", lr {row['lr']:g}, {row['samples_per_s']:.0f} samples/s, "
+            f"{row['epoch_s']:.1f} s")
 
 
 def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
@@ -502,7 +585,16 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
     np.savez(buf, **arrays)
     _atomic_write_bytes(out / "traces.npz", buf.getvalue())
     accs = [r["test_accuracy"] for r in metrics if not np.isnan(r["test_accuracy"])]
-    from .analysis import slowness_fit
+    from .analysis import SLOWNESS_MIN_POINTS, slowness_fit, slowness_points
+
+    before = (settings["training"]["milestones"] or [None])[0]
+    ep_acc = ([r["epoch"] for r in metrics], [r["test_accuracy"] for r in metrics])
+    slowness = slowness_fit(*ep_acc, n_classes=ds.n_classes, before=before)
+    n_fit = slowness_points(*ep_acc, before=before)
+    slowness_note = None if slowness is not None else (
+        f"{n_fit} test accurac{'y' if n_fit == 1 else 'ies'} up to the first learning-rate "
+        f"decay; the 2-parameter fit needs at least {SLOWNESS_MIN_POINTS}"
+        if n_fit < SLOWNESS_MIN_POINTS else "the least-squares fit did not converge")
 
     summary = {
         "scenario": settings["name"], "model": settings["model"]["name"],
@@ -510,19 +602,25 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
         "epochs": settings["training"]["epochs"], "seed": settings["training"]["seed"],
         "final_test_accuracy": accs[-1] if accs else None,
         "best_test_accuracy": max(accs) if accs else None,
-        "final_train_accuracy": metrics[-1]["train_accuracy"] if metrics else None,
+        "final_train_accuracy_running": metrics[-1]["train_accuracy_running"] if metrics else None,
+        "final_train_accuracy_eval": _last_finite(metrics, "train_accuracy_eval"),
         "wall_s": metrics[-1]["wall_s"] if metrics else 0.0,
         "mean_samples_per_s": float(np.mean([r["samples_per_s"] for r in metrics])) if metrics else None,
         "n_train": int(ds.x_train.shape[0]), "threads": settings["training"]["threads"],
         "mode": settings["simulation"]["mode"], "complete": bool(final),
         "neurosim_version": _version(),
-        "slowness": slowness_fit([r["epoch"] for r in metrics], [r["test_accuracy"] for r in metrics],
-                                 n_classes=ds.n_classes,
-                                 before=(settings["training"]["milestones"] or [None])[0]),
+        "slowness": slowness,
     }
+    if slowness_note:
+        summary["slowness_note"] = slowness_note
     _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     _plot(out, metrics, settings)
     return summary
+
+
+def _last_finite(metrics, key):
+    vals = [r.get(key) for r in metrics if r.get(key) is not None and math.isfinite(r[key])]
+    return vals[-1] if vals else None
 
 
 def _json_default(x):
@@ -544,14 +642,24 @@ def _plot(out: Path, metrics, settings):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ep = [r["epoch"] for r in metrics]
-    ax.plot(ep, [100 * r["test_accuracy"] for r in metrics], "o-", ms=3, label="test")
-    ax.plot(ep, [100 * r["train_accuracy"] for r in metrics], "s--", ms=2, label="train (clean pass)")
+    ep = np.asarray([r["epoch"] for r in metrics], float)
+    ms = 5 if len(ep) <= 20 else 3
+    for key, style, label in (
+            ("test_accuracy", "o-", "test (evaluation)"),
+            ("train_accuracy_running", "s--", "train, running (during the epoch, with dropout)"),
+            ("train_accuracy_eval", "^-.", "train, evaluated after the epoch")):
+        y = np.asarray([r.get(key, math.nan) for r in metrics], float)
+        ok = np.isfinite(y)
+        if ok.any():
+            ax.plot(ep[ok], 100 * y[ok], style, ms=ms, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{settings['name']}: {settings['model']['name']} on {settings['data']['dataset']}")
+    if len(ep) == 1:   # one epoch: a readable axis around the single point
+        ax.set_xlim(ep[0] - 0.5, ep[0] + 0.5)
+        ax.set_xticks([ep[0]])
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = out / "learning_curve.tmp.png"
     fig.savefig(tmp, dpi=120)

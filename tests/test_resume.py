@@ -117,7 +117,8 @@ def _assert_identical(a, b):
     for k in ta:
         assert np.array_equal(ta[k], tb[k], equal_nan=True), k
     sa, sb = _metrics(a), _metrics(b)
-    for k in ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy", "epochs_done"):
+    for k in ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy_running",
+              "epochs_done"):
         assert sa[k] == sb[k], k
 
 
