@@ -42,7 +42,7 @@ import numpy as np
 
 from neurosim import (SGD, Circuit, Monitor, Normal, Phase, Protocol, Simulator, ValidationError,
                       Zeros, compile_plan)
-from neurosim.kernels import ops as K
+from neurosim.optable import RMS_NORM, f_ref
 from neurosim.plasticity import ForwardForward, Goodness, SoftmaxReadout
 
 HIDDEN = ("relu", "identity", "tanh", "sigmoid", "erf")
@@ -222,16 +222,15 @@ class FFSimulator(Simulator):
         ev = self._evaluator()
         C = net.n_classes
         out = np.zeros((X.shape[0], C), np.float64)
-        codes = {h: net.circuit.populations[h].code - K.RMS_NORM for h in net.goodness_layers}
+        # the layers' activity f(drive), before their RMS normalisation
+        codes = {h: net.circuit.populations[h].code - RMS_NORM for h in net.goodness_layers}
         for s in range(0, X.shape[0], self.eval_batch):
             xb = X[s:s + self.eval_batch]
             nb = xb.shape[0]
             for lab in range(C):
                 ev.outputs(embed_label(xb, lab, C, net.label_strength))
                 for h in net.goodness_layers:
-                    d = ev.view(f"{h}.drive@probe", nb)
-                    a = np.empty_like(d)
-                    K.apply_f(a, d, codes[h])
+                    a = f_ref(np, codes[h], ev.view(f"{h}.drive@probe", nb))
                     out[s:s + nb, lab] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
         return out
 

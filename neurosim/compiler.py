@@ -106,6 +106,15 @@ def _as_expr(pb, e):
     raise CompileError(f"expected an array expression (neurosim.expr), got {type(e).__name__}")
 
 
+def _handle_index(h, where) -> int:
+    """Buffer index of a handle (or of a buffer index)."""
+    if isinstance(h, Buf):
+        return h.index
+    if isinstance(h, (int, np.integer)) and not isinstance(h, bool):
+        return int(h)
+    raise CompileError(f"{where}: expected a buffer handle, got {type(h).__name__}")
+
+
 def view_of(mem, bufs, i, nb):
     off, rows, cols, batch = (int(v) for v in bufs[i])
     if batch:
@@ -538,6 +547,66 @@ class PlanBuilder:
             raise CompileError(f"{where}: cannot assign {expr.shape} to buffer "
                                f"{self.name_of(dst)!r} of shape {(r, c)}")
         emit_into(dst, expr, where or self.name_of(dst))
+
+    def mask(self, pop: str) -> Expr:
+        """Handle of population ``pop``'s dropout mask of the trial (batch, size): 0 or
+        1 / keep; training programs only."""
+        self._check_pop(pop)
+        p = self.circuit.populations[pop]
+        if not p.dropout > 0:
+            raise CompileError(f"population {pop!r} has no dropout, hence no mask")
+        return Buf(self, self.buffer(f"{pop}.mask", 0, p.size, True, kind="state"))
+
+    # -- data and label operations (no expression form: they read the trial's labels or draw
+    #    from the counter RNG) --------------------------------------------------------------------
+    def onehot(self, name: str, size: int, on: float = 1.0, off: float = 0.0) -> Expr:
+        """Handle of a (batch, ``size``) scratch buffer ``name`` set here to the one-hot code of
+        the trial's integer labels (``on`` at the label, ``off`` elsewhere)."""
+        buf = self.scratch(name, size)
+        self.op("ONEHOT", f"one-hot labels {name!r}", dst=buf, on=on, off=off)
+        return Buf(self, buf)
+
+    def embed_label(self, target, ncls: int, on: float, off: float = 0.0, labels=None,
+                    where: str = "") -> None:
+        """Overwrite the first ``ncls`` columns of ``target`` (a handle of a batch buffer, e.g. a
+        stimulus) with a one-hot code: ``on`` in the column of the trial's label, or, with
+        ``labels`` (a (batch, 1) handle of class indices, e.g. from :meth:`wrong_labels`), of
+        that label; ``off`` in the other ``ncls - 1`` columns."""
+        dst = _handle_index(target, "embed_label.target")
+        r, c, b = self.shape(dst)
+        if not b or c < ncls:
+            raise CompileError(f"embed_label: target {self.name_of(dst)!r} of shape {(r, c)} "
+                               f"cannot hold {ncls} label columns (expected a batch buffer)")
+        lab = -1 if labels is None else _handle_index(labels, "embed_label.labels")
+        if lab >= 0 and self.shape(lab)[1:] != (1, True):
+            raise CompileError(f"embed_label: labels {self.name_of(lab)!r} must be a (batch, 1) "
+                               "buffer of class indices")
+        self.op("EMBED_LABEL", where or f"label of {self.name_of(dst)!r}", dst=dst,
+                source=0 if lab < 0 else 1, labels=lab, ncls=ncls, on=on, off=off)
+
+    def wrong_labels(self, name: str, ncls: int, stream: str, probs=None) -> Expr:
+        """Handle of a (batch, 1) scratch buffer ``name`` set here to a class index other than
+        each row's label: uniform over the ``ncls - 1`` others or, with ``probs`` (a (batch,
+        ncls) handle, e.g. a softmax population's rates), in proportion to its entries of the
+        other classes (uniform if they carry no mass). The uniform numbers come from the
+        counter-RNG stream ``stream`` (row b of trial t: counter ``t * batch + b``)."""
+        buf = self.scratch(name, 1)
+        where = f"wrong labels {name!r}"
+        if probs is None:
+            self.op("WRONG_LABEL", where, dst=buf, key=self.key(stream), ncls=ncls)
+        else:
+            p = _handle_index(probs, "wrong_labels.probs")
+            if self.shape(p)[1:] != (ncls, True):
+                raise CompileError(f"wrong_labels: probs {self.name_of(p)!r} must be a (batch, "
+                                   f"{ncls}) buffer")
+            self.op("SAMPLE_WRONG", where, dst=buf, probs=p, key=self.key(stream))
+        return Buf(self, buf)
+
+    def count_correct(self, out) -> None:
+        """Add to the plan's training-accuracy counter (``stats.correct``: correct rows, rows)
+        the rows of ``out`` (a (batch, classes) handle) whose argmax is the trial's label."""
+        self.op("COUNT_CORRECT", "training accuracy", out=_handle_index(out, "count_correct.out"),
+                stats=self.buffer("stats.correct", 1, 2, kind="stats"))
 
     # -- checks used by rules -------------------------------------------------------------------
     def require_phase(self, name, where):

@@ -310,6 +310,8 @@ def emit_into(dst, e, where="", accumulate=False):
     """Emit ops that write ``e`` into buffer ``dst`` (``accumulate``: add to it instead)."""
     pb = e.pb
     parts = terms(e)
+    if not accumulate and _one_op(dst, parts, where):
+        return
     first = not accumulate
     # matrix products first: they can overwrite dst (beta 0) without a temporary
     parts.sort(key=lambda t: not isinstance(t[1], MatMul))
@@ -354,6 +356,8 @@ def _write(dst, coef, t, where):
         elif t.op == "MUL" and isinstance(t.x, FPrime):
             emit_into(dst, t.y, where)
             _fprime_inplace(dst, t.x, where)
+        elif t.op in ("ADD", "SUB") and isinstance(t.x, Scaled) and _number(t.y) is not None:
+            _affine(dst, t, where)
         else:
             pb.op(t.op, where, dst=dst, x=lower(t.x, where), y=lower(t.y, where))
     elif isinstance(t, FPrime):
@@ -406,3 +410,45 @@ def _fprime_inplace(dst, fp, where):
     if pop.dropout > 0:
         pb.mul(dst, dst, pb.buffer(f"{fp.pop}.mask", 0, pop.size, True, kind="state"), where)
 
+
+# ---- patterns one op computes ----------------------------------------------------------------------
+def _number(e):
+    """The value of ``e`` if it is a (1, 1) constant (a number in an expression), else None."""
+    if isinstance(e, Buf) and (e.rows, e.cols, e.batch) == (1, 1, False):
+        name = e.pb.name_of(e.index)
+        if name.startswith("const.") and name.endswith(":1x1"):
+            return float(name[len("const."):-len(":1x1")])
+    return None
+
+
+def _affine(dst, t, where):
+    """``s x + c`` (``t``: a scaled expression plus or minus a number) as ``x`` written into
+    ``dst`` and one in-place ``AFFINE`` (``dst = s dst + c``, a multiply and an add rounded
+    separately, as the ADD of a scaled temporary would be)."""
+    s, x = _peel(t.x)
+    c = _number(t.y)
+    emit_into(dst, x, where)
+    t.pb.op("AFFINE", where, dst=dst, s=s, c=c if t.op == "ADD" else -c)
+
+
+def _one_op(dst, parts, where) -> bool:
+    """Emit, if ``parts`` (the summands of an expression overwriting ``dst``) match one, a
+    pattern that a single op computes, and return True:
+
+    * ``a + b``, ``a - b`` of two leaves: one ``ADD`` / ``SUB`` (instead of a copy and an axpy;
+      the same float32 result: ``-1 * b`` is exact);
+    * ``beta dst + alpha x.mean(0)`` with ``x`` batch-shaped: a running mean of the minibatch's
+      rows, ``COL_MEAN`` (e.g. ``m <- d m + (1 - d) mean_b(y)``)."""
+    if len(parts) != 2:
+        return False
+    (c1, e1), (c2, e2) = parts
+    pb = e1.pb
+    if isinstance(e1, Buf) and isinstance(e2, Buf) and c1 == 1.0 and c2 in (1.0, -1.0):
+        pb.op("ADD" if c2 > 0 else "SUB", where, dst=dst, x=e1.index, y=e2.index)
+        return True
+    for (beta, m), (alpha, r) in (((c1, e1), (c2, e2)), ((c2, e2), (c1, e1))):
+        if isinstance(m, Buf) and m.index == dst and isinstance(r, Reduce) and \
+                r.kind == "mean" and r.axis == 0 and r.x.batch:
+            pb.op("COL_MEAN", where, dst=dst, src=lower(r.x, where), alpha=alpha, beta=beta)
+            return True
+    return False

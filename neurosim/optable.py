@@ -25,8 +25,9 @@ From this table derive: the compiler's emitter (:meth:`neurosim.compiler.PlanBui
 checks names, roles and shapes), the compiled interpreter's operand decoding
 (:mod:`neurosim.kernels.ops` reads its columns from :func:`col`), the numpy reference backend
 (:mod:`neurosim.backends.numpy_backend` decodes every instruction generically from the table
-and calls the op's reference function ``ref``), and the kernel tests (tests/test_optable.py runs
-every op on random operands in both backends).
+and calls the op's reference function ``ref``), and the kernel tests (tests/test_numpy_backend.py
+checks every op on random operands against float64 numpy, tests/test_backends_agree.py the two
+backends against each other).
 
 The reference functions are the numpy semantics of each op, written against the array API
 standard (``xp`` is the namespace of the arrays). They receive a :class:`RefContext` and the
@@ -37,6 +38,13 @@ Conventions: a buffer is a row-major (rows, cols) float32 matrix; batch-shaped b
 ``rows = nb``, the current minibatch size. Population state is (batch, units), a weight
 matrix is (post, pre). Element-wise binary ops broadcast their second operand from a (1, cols)
 row, a (rows, 1) column or a (1, 1) scalar.
+
+Array-API rules the reference functions keep (so that any conforming namespace, e.g. CuPy, runs
+them): float parameters enter array expressions as Python floats, which the standard converts
+to the array's dtype (``alpha * x`` rounds ``alpha`` to float32 once, exactly as
+``np.float32(alpha) * x`` does in numpy); no numpy scalar or numpy function touches an ``xp``
+array. Work the standard has no function for (the counter-based random numbers, erf, the
+label sampler) runs in numpy on the host and comes back through ``xp.asarray``.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .rng import normal01_reference, uniform01_reference
 
 # ---- status codes ------------------------------------------------------------------------------
 OK = 0
@@ -159,8 +169,11 @@ class RefContext:
     T: object = None            # float targets of this minibatch (nb, outputs)
     keys: object = None         # uint64 keys
     scalars: object = None      # float64 scalar slots
-    record: object = None       # callable(monitor, array, per) for RECORD
-    record_stat: object = None  # callable(monitor, value) for RECORD_STAT
+    due: object = None          # callable(monitor, per) -> bool: whether the monitor records
+                                # now (its counter, step for per 0 or trial for per 1, is a
+                                # multiple of its period and it has room left)
+    record: object = None       # callable(monitor, array) for RECORD: append a record
+    record_stat: object = None  # callable(monitor, value) for RECORD_STAT: append a value
     out: object = None          # (rows of order, cols) array that OUTPUT writes
     row0: int = 0               # index in order of this minibatch's first row
 
@@ -170,16 +183,16 @@ def f_ref(xp, code_, x):
     """The transfer function ``code_`` applied to ``x`` (float32 in, float32 out)."""
     if code_ >= RMS_NORM:
         y = f_ref(xp, code_ - RMS_NORM, x)
-        ms = xp.sum(y * y, axis=1, keepdims=True) / np.float32(y.shape[1])
-        return y / (np.float32(RMS_EPS) + xp.sqrt(ms))
-    if code_ == RELU:
-        return xp.where(x > 0, x, xp.zeros_like(x))
+        ms = xp.sum(y * y, axis=1, keepdims=True) / float(y.shape[1])
+        return y / (RMS_EPS + xp.sqrt(ms))
+    if code_ == RELU:  # x <= 0 -> 0, so that a NaN drive stays NaN (and is reported)
+        return xp.where(x <= 0, xp.zeros_like(x), x)
     if code_ == TANH:
         return xp.tanh(x)
     if code_ == SIGMOID:
-        return np.float32(1.0) / (np.float32(1.0) + xp.exp(-x))
+        return 1.0 / (1.0 + xp.exp(-x))
     if code_ == ERF:
-        return _erf(xp, x * np.float32(1.0 / math.sqrt(2.0)))
+        return _erf(xp, x * (1.0 / math.sqrt(2.0)))
     if code_ == SOFTMAX:
         e = xp.exp(x - xp.max(x, axis=1, keepdims=True))
         return e / xp.sum(e, axis=1, keepdims=True)
@@ -202,25 +215,29 @@ def df_ref(xp, code_, x):
         s = 1.0 / (1.0 + xp.exp(-x))
         return s * (1.0 - s)
     if code_ == ERF:
-        return np.float32(math.sqrt(2.0 / math.pi)) * xp.exp(-0.5 * x * x)
+        return math.sqrt(2.0 / math.pi) * xp.exp(-0.5 * x * x)
     return xp.ones_like(x)
 
 
 def _erf(xp, x):
     # the array API has no erf; go through numpy (host) and back
-    a = np.asarray(_to_numpy(x), np.float64)
     from scipy.special import erf
 
+    a = to_numpy(x).astype(np.float64)
     return xp.asarray(erf(a).astype(np.float32))
 
 
-def _to_numpy(a):
+def to_numpy(a):
+    """A host numpy copy (or view) of the array ``a`` of any namespace."""
     if isinstance(a, np.ndarray):
         return a
-    get = getattr(a, "get", None)          # CuPy
+    get = getattr(a, "get", None)          # CuPy: device to host
     if get is not None:
         return get()
-    return np.asarray(a)
+    try:
+        return np.from_dlpack(a)           # any CPU array of the array API (DLPack)
+    except (TypeError, RuntimeError, BufferError, AttributeError):
+        return np.asarray(a)
 
 
 def unary_ref(xp, c, x, p):
@@ -241,7 +258,7 @@ def unary_ref(xp, c, x, p):
     if c == U_SQUARE:
         return x * x
     if c == U_POW:
-        return x ** np.float32(p)
+        return x ** float(p)
     raise ValueError(f"unknown unary code {c}")
 
 
@@ -295,9 +312,9 @@ def _gemm(ctx, c, a, b, trans_a, trans_b, fused, lr_slot, alpha, beta, lr_scale)
         al = alpha * lr / ctx.nb
     prod = xp.matmul(A, B)
     if beta == 0.0:
-        c[...] = (np.float32(al) * prod)
+        c[...] = float(al) * prod
     else:
-        c[...] = np.float32(al) * prod + np.float32(beta) * c
+        c[...] = float(al) * prod + float(beta) * c
 
 
 @_op("TRANSFER", ("r:out", "drive:in", "code:code", "mask:opt"),
@@ -320,13 +337,13 @@ def _euler(ctx, r, drive, code, mask, tmp, alpha):
     v = f_ref(xp, code, drive)
     if mask is not None:
         v = v * mask
-    r[...] = r + np.float32(alpha) * (v - r)
+    r[...] = r + float(alpha) * (v - r)
     return None if _finite(xp, r) else NONFINITE_RATE
 
 
 @_op("AXPY", ("dst:inout", "src:in", "scale:float"), "dst += scale src", defaults=dict(scale=1.0))
 def _axpy(ctx, dst, src, scale):
-    dst[...] = dst + np.float32(scale) * src
+    dst[...] = dst + float(scale) * src
 
 
 @_op("COPY", ("dst:out", "src:in"), "dst = src")
@@ -357,7 +374,8 @@ def _onehot(ctx, dst, on, off):
     dst[...] = xp.where(ctx.Y[:, None] == cls, _f32(xp, on), _f32(xp, off))
 
 
-def _counters(xp, trial, batch, nb, n, row0=0):
+def _counters(trial, batch, nb, n, row0=0):
+    """Counters ``trial*batch*n + (row0 + b)*n + j`` of an (nb, n) block (host uint64)."""
     base = np.uint64(trial) * np.uint64(batch * n) + np.uint64(row0 * n)
     return base + np.arange(nb * n, dtype=np.uint64).reshape(nb, n)
 
@@ -366,12 +384,12 @@ def _counters(xp, trial, batch, nb, n, row0=0):
      "inverted-dropout mask: dst = Bernoulli(keep) / keep from counter trial*batch*n + row*n + "
      "unit")
 def _mask(ctx, dst, key, keep):
-    from .rng import uniform01_reference
-
     nb, n = dst.shape
-    u = uniform01_reference(int(key), _counters(np, ctx.trial, ctx.batch, nb, n))
+    u = uniform01_reference(key, _counters(ctx.trial, ctx.batch, nb, n))
     inv = np.float32(1.0 / keep)
-    dst[...] = ctx.xp.asarray(np.where(u < np.float32(keep), inv, np.float32(0.0)))
+    # compared in float64 like the compiled kernel (u < float32(keep) differs when u is the
+    # float32 rounding of keep)
+    dst[...] = ctx.xp.asarray(np.where(u.astype(np.float64) < keep, inv, np.float32(0.0)))
 
 
 @_op("DERIV", ("dst:inout", "drive:in", "code:code"), "dst *= f'(drive)")
@@ -393,21 +411,21 @@ def _mul(ctx, dst, x, y):
      "(|W| > limit).", status=True)
 def _sgd(ctx, W, V, dW, style, lr_slot, lr_scale, momentum, wd, limit):
     xp = ctx.xp
-    lr = np.float32(ctx.scalars[lr_slot] * lr_scale if lr_slot >= 0 else lr_scale)
+    lr = float(ctx.scalars[lr_slot] * lr_scale if lr_slot >= 0 else lr_scale)
     if style >= 2:
-        s = lr if style == 3 else np.float32(1.0)
+        s = lr if style == 3 else 1.0
         W[...] = W - s * V
     else:
-        g = dW * np.float32(1.0 / ctx.nb) + np.float32(wd) * W
+        g = dW * (1.0 / ctx.nb) + float(wd) * W
         if style == 0:
-            V[...] = np.float32(momentum) * V + lr * g
+            V[...] = float(momentum) * V + lr * g
             W[...] = W - V
         else:
-            V[...] = np.float32(momentum) * V + g
+            V[...] = float(momentum) * V + g
             W[...] = W - lr * V
     if not _finite(xp, W):
         return NONFINITE_WEIGHT
-    if bool(xp.any(xp.abs(W) > np.float32(limit))):
+    if bool(xp.any(xp.abs(W) > float(limit))):
         return WEIGHT_RUNAWAY
     return None
 
@@ -416,13 +434,16 @@ def _sgd(ctx, W, V, dW, style, lr_slot, lr_scale, momentum, wd, limit):
      "record src (a unit range, one row or the batch mean, per the monitor) every `every` steps "
      "(per 0) or trials (per 1)", defaults=dict(per=1))
 def _record(ctx, src, monitor, per):
-    ctx.record(monitor, src, per)
+    if ctx.due(monitor, per):
+        ctx.record(monitor, src)
 
 
 @_op("RECORD_STAT", ("src:in", "monitor:mon", "kind:int", "other:opt", "transpose:int"),
      "record a statistic every `every` trials: kind 0 = Frobenius norm of src; kind 1 = angle "
      "(degrees) between src and other (or other^T)", defaults=dict(kind=0, transpose=0))
 def _record_stat(ctx, src, monitor, kind, other, transpose):
+    if not ctx.due(monitor, 1):
+        return
     xp = ctx.xp
     a = astype(xp, src, xp.float64)
     if kind == 0:
@@ -448,7 +469,7 @@ def _guard(ctx, every, skip):
 
 @_op("SCALE", ("dst:inout", "s:float"), "dst *= s")
 def _scale(ctx, dst, s):
-    dst[...] = dst * np.float32(s)
+    dst[...] = dst * float(s)
 
 
 @_op("EMBED_LABEL", ("dst:inout", "source:int", "labels:opt", "ncls:int", "on:float",
@@ -465,13 +486,11 @@ def _embed_label(ctx, dst, source, labels, ncls, on, off):
 @_op("WRONG_LABEL", ("dst:out", "key:key", "ncls:int"),
      "dst[b, 0] = a label != Y[b], uniform over the ncls - 1 others (counter trial*batch + b)")
 def _wrong_label(ctx, dst, key, ncls):
-    from .rng import uniform01_reference
-
     nb = dst.shape[0]
     c = np.uint64(ctx.trial) * np.uint64(ctx.batch) + np.arange(nb, dtype=np.uint64)
-    u = uniform01_reference(int(key), c)
-    k = np.minimum((u * (ncls - 1)).astype(np.int64), ncls - 2)
-    y = _to_numpy(ctx.Y)
+    u = uniform01_reference(key, c)
+    k = np.minimum((u.astype(np.float64) * (ncls - 1)).astype(np.int64), ncls - 2)
+    y = to_numpy(ctx.Y)
     dst[:, 0] = ctx.xp.asarray(np.where(k < y, k, k + 1).astype(np.float32))
 
 
@@ -479,7 +498,7 @@ def _wrong_label(ctx, dst, key, ncls):
      "stats[0, 0] += argmax(out) == label, stats[0, 1] += rows")
 def _count_correct(ctx, out, stats):
     xp = ctx.xp
-    good = int(xp.sum(xp.argmax(out, axis=1) == ctx.Y))
+    good = int(xp.sum(astype(xp, xp.argmax(out, axis=1) == ctx.Y, xp.int64)))
     stats[0, 0] = stats[0, 0] + good
     stats[0, 1] = stats[0, 1] + out.shape[0]
 
@@ -492,7 +511,7 @@ def _apply(ctx, dst, src, code):
 @_op("ROW_SUMSQ", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]^2",
      defaults=dict(scale=1.0))
 def _row_sumsq(ctx, dst, src, scale):
-    dst[:, 0] = np.float32(scale) * ctx.xp.sum(src * src, axis=1)
+    dst[:, 0] = float(scale) * ctx.xp.sum(src * src, axis=1)
 
 
 @_op("ROW_SCALE", ("dst:inout", "s:in"), "dst[b, :] *= s[b, 0]")
@@ -505,33 +524,31 @@ def _row_scale(ctx, dst, s):
 def _row_normalize(ctx, dst, src, eps):
     xp = ctx.xp
     ms = xp.sum(src * src, axis=1, keepdims=True) / src.shape[1]
-    dst[...] = src / (np.float32(eps) + xp.sqrt(ms))
+    dst[...] = src / (float(eps) + xp.sqrt(ms))
 
 
 @_op("AFFINE", ("dst:inout", "s:float", "c:float"), "dst = s dst + c")
 def _affine(ctx, dst, s, c):
-    dst[...] = np.float32(s) * dst + np.float32(c)
+    dst[...] = float(s) * dst + float(c)
 
 
 @_op("COL_MEAN", ("dst:inout", "src:in", "alpha:float", "beta:float"),
      "dst[0, j] = beta dst[0, j] + alpha mean_b src[b, j]")
 def _col_mean(ctx, dst, src, alpha, beta):
     xp = ctx.xp
-    m = xp.sum(src, axis=0) * np.float32(alpha / src.shape[0])
-    dst[0, :] = np.float32(beta) * dst[0, :] + m
+    m = xp.sum(src, axis=0) * float(alpha / src.shape[0])
+    dst[0, :] = float(beta) * dst[0, :] + m
 
 
 @_op("SAMPLE_WRONG", ("dst:out", "probs:in", "key:key"),
      "dst[b, 0] = a label != Y[b] drawn in proportion to max(probs[b], 0) over the other "
      "classes (uniform if they carry no mass); counter trial*batch + b")
 def _sample_wrong(ctx, dst, probs, key):
-    from .rng import uniform01_reference
-
-    p = _to_numpy(probs).astype(np.float64)
-    y = _to_numpy(ctx.Y)
+    p = to_numpy(probs).astype(np.float64)
+    y = to_numpy(ctx.Y)
     nb, n = p.shape
     c = np.uint64(ctx.trial) * np.uint64(ctx.batch) + np.arange(nb, dtype=np.uint64)
-    u = uniform01_reference(int(key), c)
+    u = uniform01_reference(key, c)
     out = np.empty(nb, np.float32)
     for b in range(nb):
         out[b] = sample_excluding_reference(p[b], int(y[b]), float(u[b]))
@@ -558,10 +575,8 @@ def sample_excluding_reference(p, lab, u):
 @_op("GAUSS", ("dst:out", "key:key", "scale:float"),
      "dst = scale N(0, 1), counter trial*batch*n + row*n + unit (Box-Muller)")
 def _gauss(ctx, dst, key, scale):
-    from .rng import normal01_reference
-
     nb, n = dst.shape
-    z = normal01_reference(int(key), _counters(np, ctx.trial, ctx.batch, nb, n))
+    z = normal01_reference(key, _counters(ctx.trial, ctx.batch, nb, n))
     dst[...] = ctx.xp.asarray(np.float32(scale) * z)
 
 
@@ -586,21 +601,21 @@ def _unary(ctx, dst, src, fn, p):
 @_op("ROW_SUM", ("dst:out", "src:in", "scale:float"), "dst[b, 0] = scale sum_j src[b, j]",
      defaults=dict(scale=1.0))
 def _row_sum(ctx, dst, src, scale):
-    dst[:, 0] = np.float32(scale) * ctx.xp.sum(src, axis=1)
+    dst[:, 0] = float(scale) * ctx.xp.sum(src, axis=1)
 
 
 @_op("COL_SUM", ("dst:out", "src:in", "scale:float", "per_row:float"),
      "dst[0, j] = (scale + per_row / rows(src)) sum_b src[b, j] (per_row: a mean over the "
      "minibatch's rows, nb at run time)", defaults=dict(scale=0.0, per_row=0.0))
 def _col_sum(ctx, dst, src, scale, per_row):
-    f = np.float32(scale + per_row / src.shape[0])
+    f = float(scale + per_row / src.shape[0])
     dst[0, :] = f * ctx.xp.sum(src, axis=0)
 
 
 @_op("SUM", ("dst:out", "src:in", "scale:float"), "dst[0, 0] = scale sum_ij src[i, j]",
      defaults=dict(scale=1.0))
 def _sum(ctx, dst, src, scale):
-    dst[0, 0] = np.float32(scale) * ctx.xp.sum(src)
+    dst[0, 0] = float(scale) * ctx.xp.sum(src)
 
 
 @_op("FILL", ("dst:out", "src:in"), "dst[i, j] = src broadcast (a (1,1), (1,c) or (r,1) "
@@ -611,13 +626,13 @@ def _fill(ctx, dst, src):
 
 @_op("LOAD_SCALAR", ("dst:out", "slot:slot"), "dst[...] = float32(scalars[slot])")
 def _load_scalar(ctx, dst, slot):
-    dst[...] = np.float32(ctx.scalars[slot])
+    dst[...] = float(ctx.scalars[slot])
 
 
 @_op("SCALE_BY", ("dst:inout", "s:in", "alpha:float"),
      "dst *= alpha s[0, 0] (a (1, 1) buffer: a run-time scalar, e.g. an epoch gate)")
 def _scale_by(ctx, dst, s, alpha):
-    dst[...] = dst * (np.float32(alpha) * s[0, 0])
+    dst[...] = dst * (float(alpha) * s[0, 0])
 
 
 @_op("OUTPUT", ("src:in",), "out[row0 + b, :] = src[b, :]: the minibatch's rows of a "

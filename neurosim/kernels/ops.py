@@ -186,7 +186,7 @@ def apply_f(out, x, code):
             for j in range(x.shape[1]):
                 out[b, j] = x[b, j]
     elif code >= RMS_NORM:
-        rms_normalized_f(out, x, code - RMS_NORM)
+        rms_normalized_f(out, x, code - RMS_NORM, RMS_EPS)
     else:
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
@@ -540,6 +540,159 @@ def _unary(dst, src, fn, p):
             dst[b, c] = v
 
 
+# ---- the interpreter's element-wise and bookkeeping ops: one compiled function each, called
+# (not inlined) from run_trials so that the interpreter itself stays small and compiles quickly
+@njit(cache=True)
+def _fill_scalar(dst, v):
+    for b in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[b, c] = v
+
+
+@njit(cache=True)
+def _axpy(dst, src, sc):
+    for b in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[b, c] += sc * src[b, c]
+
+
+@njit(cache=True)
+def _affine(dst, s, c0, add):
+    """dst = s dst + c0 (add) or dst *= s."""
+    for b in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            if add:
+                dst[b, c] = s * dst[b, c] + c0
+            else:
+                dst[b, c] *= s
+
+
+@njit(cache=True)
+def _bias(dst, bias):
+    for b in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[b, c] += bias[0, c]
+
+
+@njit(cache=True)
+def _gather(dst, src, order, s0):
+    for b in range(dst.shape[0]):
+        r = order[s0 + b]
+        for c in range(dst.shape[1]):
+            dst[b, c] = src[r, c]
+
+
+@njit(cache=True)
+def _onehot(dst, Y, order, s0, on, off):
+    for b in range(dst.shape[0]):
+        lab = Y[order[s0 + b]]
+        for c in range(dst.shape[1]):
+            dst[b, c] = on if c == lab else off
+
+
+@njit(cache=True)
+def _embed_label(dst, source, lb, ncls, Y, order, s0, on, off):
+    """dst[:, :ncls] = one-hot of the true label (source 0) or of column 0 of ``lb``."""
+    for b in range(dst.shape[0]):
+        lab = Y[order[s0 + b]] if source == 0 else int(lb[b, 0])
+        for c in range(ncls):
+            dst[b, c] = on if c == lab else off
+
+
+@njit(cache=True)
+def _wrong_label(dst, key, ncls, Y, order, s0, trial, batch):
+    """dst[b, 0] = a label != Y[b], uniform over the ncls - 1 others."""
+    for b in range(dst.shape[0]):
+        u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
+        k = int(u * (ncls - 1))
+        if k >= ncls - 1:
+            k = ncls - 2
+        lab = Y[order[s0 + b]]
+        dst[b, 0] = np.float32(k if k < lab else k + 1)
+
+
+@njit(cache=True)
+def _sample_wrong(dst, pr, key, Y, order, s0, trial, batch):
+    for b in range(dst.shape[0]):
+        u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
+        dst[b, 0] = np.float32(sample_excluding(pr[b], Y[order[s0 + b]], u))
+
+
+@njit(cache=True)
+def _record_stat(rec, stamps, rec_meta, rec_cnt, m, src, kind, other, transpose, trial, step):
+    val = frob(src) if kind == 0 else angle_deg(src, other, transpose)
+    k = rec_cnt[m]
+    rec[rec_meta[m, 0] + k] = np.float32(val)
+    stamps[rec_meta[m, 7] + 2 * k] = trial
+    stamps[rec_meta[m, 7] + 2 * k + 1] = step
+    rec_cnt[m] = k + 1
+
+
+@njit(cache=True)
+def _count_correct(o, stt, Y, order, s0):
+    good = 0
+    for b in range(o.shape[0]):
+        best = 0
+        for c in range(1, o.shape[1]):
+            if o[b, c] > o[b, best]:
+                best = c
+        if best == Y[order[s0 + b]]:
+            good += 1
+    stt[0, 0] += good
+    stt[0, 1] += o.shape[0]
+
+
+@njit(cache=True)
+def _row_sum(dst, src, sc, sq):
+    for b in range(src.shape[0]):
+        acc = np.float32(0.0)
+        for c in range(src.shape[1]):
+            acc += src[b, c] * src[b, c] if sq else src[b, c]
+        dst[b, 0] = sc * acc
+
+
+@njit(cache=True)
+def _row_scale(dst, sv):
+    for b in range(dst.shape[0]):
+        f = sv[b, 0]
+        for c in range(dst.shape[1]):
+            dst[b, c] *= f
+
+
+@njit(cache=True)
+def _col_sum(dst, src, al, be):
+    for c in range(src.shape[1]):
+        acc = np.float32(0.0)
+        for b in range(src.shape[0]):
+            acc += src[b, c]
+        dst[0, c] = be * dst[0, c] + al * acc
+
+
+@njit(cache=True)
+def _sum_all(src, sc):
+    acc = np.float32(0.0)
+    for b in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            acc += src[b, c]
+    return sc * acc
+
+
+@njit(cache=True)
+def _fill(dst, src):
+    rs = 0 if src.shape[0] == 1 else 1
+    cs = 0 if src.shape[1] == 1 else 1
+    for b in range(dst.shape[0]):
+        for c in range(dst.shape[1]):
+            dst[b, c] = src[b * rs, c * cs]
+
+
+@njit(cache=True)
+def _output(out, src, s0):
+    for b in range(src.shape[0]):
+        for c in range(src.shape[1]):
+            out[s0 + b, c] = src[b, c]
+
+
 @njit(cache=True)
 def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, batch, trial0,
                step0, keys, scal, rec, stamps, rec_meta, rec_cnt, info, out, ws_i, ws_f,
@@ -614,76 +767,32 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         if not ok:
                             return _fail(info, i, rep, trial, bl, NONFINITE_RATE)
                     elif op == ZERO:
-                        v = _view(mem, bufs, a, nb)
-                        v[:, :] = 0.0
+                        _fill_scalar(_view(mem, bufs, a, nb), np.float32(0.0))
                     elif op == AXPY:
-                        dst = _view(mem, bufs, a, nb)
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        sc = np.float32(fprm[i, 0])
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] += sc * src[b, c]
+                        _axpy(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                              np.float32(fprm[i, 0]))
                     elif op == COPY:
                         _copy2(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
                     elif op == SUB or op == MUL or op == ADD or op == DIV:
                         _bcast_op(op, _view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                   _view(mem, bufs, prog[i, 3], nb))
                     elif op == SCALE:
-                        dst = _view(mem, bufs, a, nb)
-                        sc = np.float32(fprm[i, 0])
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] *= sc
+                        _affine(_view(mem, bufs, a, nb), np.float32(fprm[i, 0]), np.float32(0.0),
+                                False)
                     elif op == BIAS:
-                        dst = _view(mem, bufs, a, nb)
-                        bias = _view(mem, bufs, prog[i, 2], nb)
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] += bias[0, c]
+                        _bias(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
                     elif op == GATHER:
-                        dst = _view(mem, bufs, a, nb)
-                        src = X if prog[i, 2] == 0 else T
-                        for b in range(nb):
-                            r = order[s0 + b]
-                            for c in range(dst.shape[1]):
-                                dst[b, c] = src[r, c]
+                        _gather(_view(mem, bufs, a, nb), X if prog[i, 2] == 0 else T, order, s0)
                     elif op == ONEHOT:
-                        dst = _view(mem, bufs, a, nb)
-                        on = np.float32(fprm[i, 0])
-                        off = np.float32(fprm[i, 1])
-                        for b in range(nb):
-                            lab = Y[order[s0 + b]]
-                            for c in range(dst.shape[1]):
-                                dst[b, c] = on if c == lab else off
+                        _onehot(_view(mem, bufs, a, nb), Y, order, s0, np.float32(fprm[i, 0]),
+                                np.float32(fprm[i, 1]))
                     elif op == EMBED_LABEL:
-                        # dst[:, :ncls] = one-hot of the true label (source 0) or of column 0
-                        # of buffer prog[i, 3] (source 1)
-                        dst = _view(mem, bufs, a, nb)
-                        ncls = prog[i, 4]
-                        on = np.float32(fprm[i, 0])
-                        off = np.float32(fprm[i, 1])
-                        if prog[i, 2] == 0:
-                            for b in range(nb):
-                                lab = Y[order[s0 + b]]
-                                for c in range(ncls):
-                                    dst[b, c] = on if c == lab else off
-                        else:
-                            lb = _view(mem, bufs, prog[i, 3], nb)
-                            for b in range(nb):
-                                lab = int(lb[b, 0])
-                                for c in range(ncls):
-                                    dst[b, c] = on if c == lab else off
+                        _embed_label(_view(mem, bufs, a, nb), prog[i, 2], _view(mem, bufs,
+                                     prog[i, 3] if prog[i, 3] >= 0 else a, nb), prog[i, 4], Y,
+                                     order, s0, np.float32(fprm[i, 0]), np.float32(fprm[i, 1]))
                     elif op == WRONG_LABEL:
-                        dst = _view(mem, bufs, a, nb)
-                        ncls = prog[i, 3]
-                        key = keys[prog[i, 2]]
-                        for b in range(nb):
-                            u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
-                            k = int(u * (ncls - 1))
-                            if k >= ncls - 1:
-                                k = ncls - 2
-                            lab = Y[order[s0 + b]]
-                            dst[b, 0] = np.float32(k if k < lab else k + 1)
+                        _wrong_label(_view(mem, bufs, a, nb), keys[prog[i, 2]], prog[i, 3], Y,
+                                     order, s0, trial, batch)
                     elif op == MASK:
                         mk = _view(mem, bufs, a, nb)
                         if par is not None and _par(mk, nthreads):
@@ -724,60 +833,29 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                                     _view(mem, bufs, a, nb), trial, step)
                     elif op == RECORD_STAT:
                         m = prog[i, 2]
-                        every = rec_meta[m, 3]
-                        if trial % every == 0 and rec_cnt[m] < rec_meta[m, 2]:
-                            src = _view(mem, bufs, a, nb)
-                            if prog[i, 3] == 0:
-                                val = frob(src)
-                            else:
-                                val = angle_deg(src, _view(mem, bufs, prog[i, 4], nb),
-                                                prog[i, 5] == 1)
-                            k = rec_cnt[m]
-                            rec[rec_meta[m, 0] + k] = np.float32(val)
-                            stamps[rec_meta[m, 7] + 2 * k] = trial
-                            stamps[rec_meta[m, 7] + 2 * k + 1] = step
-                            rec_cnt[m] = k + 1
+                        if trial % rec_meta[m, 3] == 0 and rec_cnt[m] < rec_meta[m, 2]:
+                            _record_stat(rec, stamps, rec_meta, rec_cnt, m,
+                                         _view(mem, bufs, a, nb), prog[i, 3],
+                                         _view(mem, bufs, prog[i, 4] if prog[i, 4] >= 0 else a, nb),
+                                         prog[i, 5] == 1, trial, step)
                     elif op == COUNT_CORRECT:
-                        o = _view(mem, bufs, a, nb)
-                        stt = _view(mem, bufs, prog[i, 2], nb)
-                        good = 0
-                        for b in range(nb):
-                            if _argmax_row(o, b) == Y[order[s0 + b]]:
-                                good += 1
-                        stt[0, 0] += good
-                        stt[0, 1] += nb
+                        _count_correct(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                       Y, order, s0)
                     elif op == APPLY:
                         apply_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                 prog[i, 3])
                     elif op == ROW_SUMSQ or op == ROW_SUM:
-                        dst = _view(mem, bufs, a, nb)
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        sc = np.float32(fprm[i, 0])
-                        sq = op == ROW_SUMSQ
-                        for b in range(src.shape[0]):
-                            acc = np.float32(0.0)
-                            for c in range(src.shape[1]):
-                                acc += src[b, c] * src[b, c] if sq else src[b, c]
-                            dst[b, 0] = sc * acc
+                        _row_sum(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                 np.float32(fprm[i, 0]), op == ROW_SUMSQ)
                     elif op == ROW_SCALE:
-                        dst = _view(mem, bufs, a, nb)
-                        sv = _view(mem, bufs, prog[i, 2], nb)
-                        for b in range(dst.shape[0]):
-                            f = sv[b, 0]
-                            for c in range(dst.shape[1]):
-                                dst[b, c] *= f
+                        _row_scale(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
                     elif op == ROW_NORMALIZE:
                         rms_normalized_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                          IDENTITY, fprm[i, 0])
                     elif op == AFFINE:
-                        dst = _view(mem, bufs, a, nb)
-                        sc = np.float32(fprm[i, 0])
-                        cc = np.float32(fprm[i, 1])
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] = sc * dst[b, c] + cc
+                        _affine(_view(mem, bufs, a, nb), np.float32(fprm[i, 0]),
+                                np.float32(fprm[i, 1]), True)
                     elif op == COL_MEAN or op == COL_SUM:
-                        dst = _view(mem, bufs, a, nb)
                         src = _view(mem, bufs, prog[i, 2], nb)
                         if op == COL_MEAN:
                             al = np.float32(fprm[i, 0]) / src.shape[0]
@@ -785,50 +863,25 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         else:
                             al = np.float32(fprm[i, 0] + fprm[i, 1] / src.shape[0])
                             be = np.float32(0.0)
-                        for c in range(src.shape[1]):
-                            acc = np.float32(0.0)
-                            for b in range(src.shape[0]):
-                                acc += src[b, c]
-                            dst[0, c] = be * dst[0, c] + al * acc
+                        _col_sum(_view(mem, bufs, a, nb), src, al, be)
                     elif op == SUM:
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        acc = np.float32(0.0)
-                        for b in range(src.shape[0]):
-                            for c in range(src.shape[1]):
-                                acc += src[b, c]
-                        _view(mem, bufs, a, nb)[0, 0] = np.float32(fprm[i, 0]) * acc
+                        _view(mem, bufs, a, nb)[0, 0] = _sum_all(_view(mem, bufs, prog[i, 2], nb),
+                                                                 np.float32(fprm[i, 0]))
                     elif op == UNARY:
                         _unary(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                prog[i, 3], fprm[i, 0])
                     elif op == FILL:
-                        dst = _view(mem, bufs, a, nb)
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        rs = 0 if src.shape[0] == 1 else 1
-                        cs = 0 if src.shape[1] == 1 else 1
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] = src[b * rs, c * cs]
+                        _fill(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
                     elif op == LOAD_SCALAR:
-                        dst = _view(mem, bufs, a, nb)
-                        dst[:, :] = np.float32(scal[prog[i, 2]])
+                        _fill_scalar(_view(mem, bufs, a, nb), np.float32(scal[prog[i, 2]]))
                     elif op == SCALE_BY:
-                        dst = _view(mem, bufs, a, nb)
                         sc = np.float32(fprm[i, 0]) * _view(mem, bufs, prog[i, 2], nb)[0, 0]
-                        for b in range(dst.shape[0]):
-                            for c in range(dst.shape[1]):
-                                dst[b, c] *= sc
+                        _affine(_view(mem, bufs, a, nb), sc, np.float32(0.0), False)
                     elif op == OUTPUT:
-                        src = _view(mem, bufs, a, nb)
-                        for b in range(nb):
-                            for c in range(src.shape[1]):
-                                out[s0 + b, c] = src[b, c]
+                        _output(out, _view(mem, bufs, a, nb), s0)
                     elif op == SAMPLE_WRONG:
-                        dst = _view(mem, bufs, a, nb)
-                        pr = _view(mem, bufs, prog[i, 2], nb)
-                        key = keys[prog[i, 3]]
-                        for b in range(nb):
-                            u = uniform01(key, np.uint64(trial) * np.uint64(batch) + np.uint64(b))
-                            dst[b, 0] = np.float32(sample_excluding(pr[b], Y[order[s0 + b]], u))
+                        _sample_wrong(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                                      keys[prog[i, 3]], Y, order, s0, trial, batch)
                     elif op == GUARD:
                         if trial % a != 0:
                             i += prog[i, 2]
@@ -843,12 +896,3 @@ def _copy2(dst, src):
     for b in range(dst.shape[0]):
         for c in range(dst.shape[1]):
             dst[b, c] = src[b, c]
-
-
-@njit(cache=True, inline="always")
-def _argmax_row(o, b):
-    best = 0
-    for c in range(1, o.shape[1]):
-        if o[b, c] > o[b, best]:
-            best = c
-    return best

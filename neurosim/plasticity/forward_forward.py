@@ -40,11 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ValidationError
-from ..optable import RMS_NORM, SOFTMAX
+from ..optable import SOFTMAX
 from ..monitors import AbstractMonitor
 from ..params import check_choice, check_float, check_int
 from .base import register_builder
-from .contrastive import Contrastive, emit_contrastive_updates, is_normalized
+from .contrastive import Contrastive, activity, emit_contrastive_updates, is_normalized
 
 NEGATIVES = ("uniform", "hard")
 
@@ -142,22 +142,18 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
         raise ValidationError("ForwardForward", f"the phases {sorted(phases.values())} must "
                               f"present distinct stimuli to {rule.input!r} (got {stim}); each "
                               "gets its own label.")
-    n = inp.size
-    buf = {role: pb.buffer(f"stim.{s}", 0, n, True) for role, s in stim.items()}
+    x = {role: pb.stim(s) for role, s in stim.items()}
     ls = rule.label_strength
-    lab = pb.scratch(f"{rule.name}.negative_label", 1)
-    where = "ForwardForward labels"
+    lab_name, stream = f"{rule.name}.negative_label", f"{rule.name}:negatives"
     with pb.at("trial_start"):
-        pb.op("EMBED_LABEL", where, dst=buf["positive"], source=0, ncls=C, on=ls, off=0.0)
-        if "neutral" in buf:
-            pb.copy(buf["neutral"], buf["positive"], where)
-            pb.op("EMBED_LABEL", where, dst=buf["neutral"], source=0, ncls=C, on=ls / C,
-                  off=ls / C)
+        pb.embed_label(x["positive"], C, on=ls)                       # the true label
+        if "neutral" in x:
+            pb.assign(x["neutral"], x["positive"])
+            pb.embed_label(x["neutral"], C, on=ls / C, off=ls / C)   # every label, equally
         if rule.negatives == "uniform":
-            pb.op("WRONG_LABEL", where, dst=lab, key=pb.key(f"{rule.name}:negatives"), ncls=C)
-            pb.copy(buf["negative"], buf["positive"], where)
-            pb.op("EMBED_LABEL", where, dst=buf["negative"], source=1, labels=lab, ncls=C,
-                  on=ls, off=0.0)
+            wrong = pb.wrong_labels(lab_name, C, stream)
+            pb.assign(x["negative"], x["positive"])
+            pb.embed_label(x["negative"], C, on=ls, labels=wrong)
     names = [p.name for p in protocol.phases]
     if rule.readout is not None:
         ro = c.populations.get(rule.readout)
@@ -173,15 +169,12 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
                                   f"end of {rule.neutral!r}, which must come before the negative "
                                   f"phase {rule.anti_hebbian!r} (order {names}).")
         with pb.at(f"{rule.neutral}:post"):
-            pb.op("SAMPLE_WRONG", where, dst=lab, probs=pb.rate(rule.readout, rule.neutral),
-                  key=pb.key(f"{rule.name}:negatives"))
-            pb.copy(buf["negative"], buf["positive"], where)
-            pb.op("EMBED_LABEL", where, dst=buf["negative"], source=1, labels=lab, ncls=C,
-                  on=ls, off=0.0)
+            wrong = pb.wrong_labels(lab_name, C, stream, probs=pb.r(rule.readout, rule.neutral))
+            pb.assign(x["negative"], x["positive"])
+            pb.embed_label(x["negative"], C, on=ls, labels=wrong)
     if rule.readout is not None:
         with pb.at(f"{rule.neutral}:post"):
-            pb.op("COUNT_CORRECT", "training accuracy", out=pb.rate(rule.readout, rule.neutral),
-                  stats=pb.buffer("stats.correct", 1, 2, kind="stats"))
+            pb.count_correct(pb.r(rule.readout, rule.neutral))
 
 
 @dataclass(frozen=True)
@@ -236,16 +229,9 @@ class Goodness(AbstractMonitor):
         if pop is None:
             raise ValidationError(f"{where}.population", f"no population {self.population!r}.")
         pb.require_phase(self.phase, f"{where}.phase")
-        a = pb.scratch(f"monitor{index}.activity", pop.size)
-        G = pb.scratch(f"monitor{index}.goodness", 1)
         with pb.at("trial_end"):
             with pb.every(self.every, where):
-                if is_normalized(pop):
-                    pb.op("APPLY", where, dst=a, src=pb.drive(self.population, self.phase),
-                          code=pop.code - RMS_NORM)
-                else:
-                    pb.copy(a, pb.rate(self.population, self.phase), where)
-                pb.op("ROW_SUMSQ", where, dst=G, src=a, scale=1.0)
-            pb.op("RECORD", where, src=G, monitor=index, per=1)
+                G = pb.let(activity(pb, self.population, self.phase, mask=False).sumsq(), where)
+            pb.record(index, G)
         return dict(key=self.key, kind="var", size=1, per="trial", every=self.every, u0=0,
                     sample=-1, phase=self.phase)
