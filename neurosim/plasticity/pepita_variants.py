@@ -378,7 +378,7 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
             xi = pb.let((xi - xi.mean()) * on)
             y = (c.projections[projs[l]].gain * (xi @ pb.W(projs[l]).T)).apply(post.code)
             if post.dropout > 0:
-                y = y * Buf(pb, pb.buffer(f"{post.name}.mask", 0, post.size, True, kind="state"))
+                y = y * pb.mask(post.name)
             pb.accumulate(Bs[l], eta * (xi.T @ y).batch_mean())     # B_l += lr' xi^T y / nb
         prod = Bs[-1]
         for B in Bs[-2::-1]:                   # F = B_1 (B_2 (... B_L)), right to left
