@@ -495,6 +495,38 @@ class PlanBuilder:
         emit_into(dst, expr, where)
         return Buf(self, dst)
 
+    def noise(self, stream: str, cols: int, dist: str = "gaussian", scale: float = 1.0,
+              where: str = "") -> Expr:
+        """Handle of this trial's fresh random draws, (batch, cols), from the counter-RNG stream
+        ``stream`` (a component name of the root seed; counter ``trial*batch*cols + row*cols +
+        unit``, the layout of dropout masks): ``dist="gaussian"``: ``scale N(0, 1)``
+        (Box-Muller); ``"rademacher"``: ``+-scale`` with probability 1/2 each (one Bernoulli
+        draw per entry)."""
+        if dist not in ("gaussian", "rademacher"):
+            raise CompileError(f"noise {stream!r}: dist {dist!r}, expected 'gaussian' or "
+                               "'rademacher'")
+        where = where or f"noise {stream!r}"
+        dst = self.buffer(f"noise.{stream}", 0, cols, True)
+        key = self.key(stream)
+        if dist == "gaussian":
+            self.op("GAUSS", where, dst=dst, key=key, scale=scale)
+        else:
+            self.op("MASK", where, dst=dst, key=key, keep=0.5)                # {0, 2}
+            self.op("AFFINE", where, dst=dst, s=scale, c=-scale)              # +-scale
+        return Buf(self, dst)
+
+    def accumulate(self, target, expr, where: str = "") -> None:
+        """Add ``expr`` to ``target`` in place (``target += expr``; a handle or a buffer index):
+        matrix products accumulate in their GEMM (beta 1), other terms by AXPY. ``expr`` must
+        not read ``target``."""
+        dst = target.index if isinstance(target, Buf) else int(target)
+        expr = _as_expr(self, expr)
+        r, c, b = self.shape(dst)
+        if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
+            raise CompileError(f"{where}: cannot add {expr.shape} to buffer "
+                               f"{self.name_of(dst)!r} of shape {(r, c)}")
+        emit_into(dst, expr, where or self.name_of(dst), accumulate=True)
+
     def update(self, proj: str, expr, where: str | None = None) -> None:
         """Add ``expr`` (post x pre) to projection ``proj``'s summed update ``dW`` (descent
         direction: the optimizer applies ``W -= lr dW / B``). In a ``<phase>:loop`` section the

@@ -202,6 +202,20 @@ class MatMul(Expr):
         super().__init__(a.pb, a.rows, b.cols, a.batch)
         self.a, self.b = a, b
 
+    per_nb = False      # divided by the run-time minibatch size (batch_mean)
+
+    def batch_mean(self):
+        """``(a.T @ b) / nb`` for a product over the minibatch's rows (``a.T`` of a batch
+        expression): the mean of the per-sample products, with ``nb`` the run-time minibatch
+        size (the GEMM's own run-time factor, no extra op)."""
+        if not getattr(self.a, "colbatch", False):
+            raise CompileError("batch_mean: the product's inner dimension must be the minibatch "
+                               f"(a.T @ b with batch expressions a, b); got {_shape(self.a)} @ "
+                               f"{_shape(self.b)}")
+        m = MatMul(self.a, self.b)
+        m.per_nb = True
+        return m
+
 
 class FPrime(Expr):
     """``f'(drive)`` of population ``pop`` in ``phase`` (times its dropout mask if any)."""
@@ -307,8 +321,13 @@ def emit_into(dst, e, where="", accumulate=False):
             b, tb = (t.b.x, True) if isinstance(t.b, Transposed) else (t.b, False)
             coef_a, a = _peel(a)
             coef_b, b = _peel(b)
-            pb.gemm(dst, lower(a, where), lower(b, where), trans_a=ta, trans_b=tb,
-                    alpha=coef * coef_a * coef_b, beta=0.0 if first else 1.0, where=where)
+            if t.per_nb:     # alpha / nb at run time: the GEMM's fused factor, no lr slot
+                pb.op("GEMM", where, c=dst, a=lower(a, where), b=lower(b, where),
+                      trans_a=int(ta), trans_b=int(tb), fused=1,
+                      alpha=coef * coef_a * coef_b, beta=0.0 if first else 1.0)
+            else:
+                pb.gemm(dst, lower(a, where), lower(b, where), trans_a=ta, trans_b=tb,
+                        alpha=coef * coef_a * coef_b, beta=0.0 if first else 1.0, where=where)
         elif first:
             _write(dst, coef, t, where)
         else:

@@ -178,6 +178,7 @@ def slowness(args):
             ep_list, acc = [0.0], [1.0 / ds.n_classes]
             for epoch in range(args.epochs):
                 sim.set_lr(opt.lr_at(epoch))
+                sim.set_epoch(epoch)        # epoch schedules (weight mirroring), as training.run
                 order = shuffled_order(seed, epoch, n)
                 for j in range(0, T, args.eval_every):
                     sub = order[j * 64:min((j + args.eval_every) * 64, n)]
