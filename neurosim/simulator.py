@@ -174,6 +174,8 @@ class Simulator:
             self.mem[off:off + rows * c] = plan.init_mem[off:off + rows * c]
         if optimizer or rule:
             self.scal[...] = plan.scalar_init
+            if not everything:    # the epoch stays: its schedules' values come back
+                self.set_epoch(self.epoch)
         if rates:
             self.step = 0
             self.trial = 0
