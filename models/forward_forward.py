@@ -182,7 +182,12 @@ class FFSimulator(Simulator):
     ``evaluate`` computes both accuracies when the network has a readout, returns the one named
     by ``classify`` and keeps both in :attr:`last_evaluation`; if :attr:`log_path` is set, it
     appends a row (trial, accuracies, seconds) to that CSV file.
+
+    :meth:`save` records ``network``, ``classify`` and ``eval_batch`` (``save_args``), so that
+    :meth:`~neurosim.Simulator.load` rebuilds an FFSimulator; ``log_path`` is not saved.
     """
+
+    save_args = ("network", "classify", "eval_batch")
 
     def __init__(self, plan, threads: int = 1, *, backend="numba", network: FFNetwork,
                  classify="goodness",
@@ -412,9 +417,12 @@ def _json_default(x):
 
 
 def _register():
+    from neurosim import register_type
     from neurosim.scenario import register_model
 
     register_model("ff", FF_SCHEMA, _from_settings, runner=run, simulator=make_ff_simulator)
+    register_type(FFNetwork)
+    register_type(FFSimulator)
 
 
 _register()

@@ -34,3 +34,6 @@ from .diagnostics import GradientAlignment, PepitaAfaAngle  # noqa: E402
 
 __all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "Oja", "GradientAlignment",
             "PepitaAfaAngle"]
+from .saving import LoadedRun, load_run, register_type  # noqa: E402
+
+__all__ += ["load_run", "LoadedRun", "register_type"]

@@ -85,6 +85,7 @@ class Plan:
     error: str | None
     targets: str = "onehot"  # how stimulus t is made: one-hot of Y, or rows of T
     schedules: tuple = ()    # (slot name, callable(epoch) -> value) set by Simulator per epoch
+    fuse: bool = True        # the compile argument (a saved simulator compiles its plan again)
 
     def __post_init__(self):
         for a in (self.init_mem, self.bufs, self.keys, self.scalar_init):
@@ -864,7 +865,7 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                 {n: i for i, n in enumerate(pb._scalars)}, scal, train, infer, free,
                 tuple(monitors), tuple(getattr(pb, "_monitor_meta", [])), tuple(rules), optimizer,
                 tuple(plastic), stimuli, output, err.name if err else None, targets,
-                tuple(pb._schedules.items()))
+                tuple(pb._schedules.items()), fuse=bool(fuse))
 
 
 def emit_sgd(pb, name, dw, optimizer, *, weight_decay=None, velocity=None, where=None):

@@ -64,6 +64,11 @@ class Simulator:
         self._empty_o = np.zeros(0, np.int64)
         self._empty_out = np.zeros((1, 1), np.float32)
 
+    save_args: tuple = ()
+    """Keyword arguments of the constructor (beyond plan, threads and backend) that
+    :meth:`save` records, each read from the attribute of the same name; subclasses set it and
+    register with :func:`neurosim.register_type`."""
+
     # -- state access -----------------------------------------------------------------------------
     @property
     def weights(self) -> dict:
@@ -438,6 +443,29 @@ class Simulator:
         self._records = {k: list(v) for k, v in state.get("records", {}).items()}
         for m in self.plan.monitor_meta:
             self._records.setdefault(m["key"], [])
+
+    # -- saving and loading -----------------------------------------------------------------------
+    def save(self, path):
+        """Write this simulator to one ``.npz`` file (no pickle, SHA-256 checked on load): the
+        plan's description, the state by name (weights, optimizer and rule state, statistics,
+        held rates, stimuli), the scalar slots, counters, monitor records, class, backend and
+        threads. Returns the path. See :mod:`neurosim.saving`."""
+        from .saving import save_simulator
+
+        return save_simulator(self, path)
+
+    @classmethod
+    def load(cls, path, *, threads: int | None = None, backend: str | None = None,
+             strict: bool = True) -> "Simulator":
+        """Rebuild a simulator written by :meth:`save`: the description is compiled again and
+        the state restored by name; it continues bit-identically. The saved class is rebuilt
+        (e.g. Forward-Forward's ``FFSimulator``); ``threads`` and ``backend`` default to the
+        saved ones. A corrupt, truncated or foreign file raises :class:`ValidationError`
+        naming it. See :func:`neurosim.saving.load_simulator` for ``strict``."""
+        from .saving import load_simulator
+
+        return load_simulator(path, expected=cls, threads=threads, backend=backend,
+                              strict=strict)
 
 
 def shuffled_order(seed: int, epoch: int, n: int) -> np.ndarray:
