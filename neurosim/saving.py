@@ -301,6 +301,8 @@ def save_simulator(sim, path) -> Path:
                               f"record and call neurosim.register_type({t.__qualname__}).")
     plan = sim.plan
     desc, enc = describe(plan, where)
+    fingerprint = plan_fingerprint(plan)
+    _check_recompiles(desc, enc.arrays, fingerprint, where)
     sim_args = {a: enc(getattr(sim, a), f"simulator.{a}") for a in type(sim).save_args}
     arrays = dict(enc.arrays)
     buffers = []
@@ -326,7 +328,7 @@ def save_simulator(sim, path) -> Path:
     header = {"format": FORMAT, "version": FORMAT_VERSION, "neurosim_version": __version__,
               "simulator": {"type": cls_name, "args": sim_args},
               "backend": getattr(sim.backend, "name", "numba"), "threads": int(sim.threads),
-              "plan": desc, "fingerprint": plan_fingerprint(plan),
+              "plan": desc, "fingerprint": fingerprint,
               "counters": {"trial": int(sim.trial), "step": int(sim.step),
                            "epoch": int(sim.epoch)},
               "buffers": buffers, "scalars": scalars, "records": records}
@@ -336,6 +338,24 @@ def save_simulator(sim, path) -> Path:
     np.savez(buf, **arrays)
     _atomic_write(path, buf.getvalue())
     return path
+
+
+def _check_recompiles(desc, arrays, fingerprint, where) -> None:
+    """Compile the description as a load would and compare fingerprints, so that a file that
+    saves also loads: this catches a circuit changed after ``compile_plan`` and a registered type
+    whose fields do not rebuild it."""
+    try:
+        plan, _ = compile_description(json.loads(json.dumps(desc)), arrays, where)
+    except ValidationError as e:
+        raise ValidationError(where, f"the plan's description does not compile again: "
+                              f"{e.where}: {e.message}", e.hint) from None
+    if plan_fingerprint(plan) != fingerprint:
+        raise ValidationError(where, "the plan's description (circuit, protocol, rules, "
+                              "monitors) compiles to another plan than the simulator's: was a "
+                              "description changed after compile_plan, or does a registered type "
+                              "not rebuild from its fields?",
+                              "compile the plan again from the current descriptions and save a "
+                              "simulator of that plan.")
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -571,7 +591,7 @@ def load_run(run_dir, *, overrides=(), data_dir=None) -> LoadedRun:
     settings = sc.load(run / "scenario.toml", overrides)
     if data_dir is not None:
         settings["data"]["dir"] = str(Path(data_dir))
-    if sc.runner_for(settings) is not None:
+    if sc.runner_for(settings) is not None and sc.simulator_for(settings) is None:
         raise ValidationError(where, f"the run is of model {settings['model']['name']!r}, which "
                               "has its own runner and writes no simulator checkpoints.",
                               "read its output files directly.")
