@@ -190,7 +190,8 @@ def f_ref(xp, code_, x):
     if code_ == TANH:
         return xp.tanh(x)
     if code_ == SIGMOID:
-        return 1.0 / (1.0 + xp.exp(-x))
+        with np.errstate(over="ignore"):    # exp(-x) = inf for x << 0 gives 0, as the kernel
+            return 1.0 / (1.0 + xp.exp(-x))
     if code_ == ERF:
         return _erf(xp, x * (1.0 / math.sqrt(2.0)))
     if code_ == SOFTMAX:
@@ -212,7 +213,8 @@ def df_ref(xp, code_, x):
         t = xp.tanh(x)
         return 1.0 - t * t
     if code_ == SIGMOID:
-        s = 1.0 / (1.0 + xp.exp(-x))
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + xp.exp(-x))
         return s * (1.0 - s)
     if code_ == ERF:
         return math.sqrt(2.0 / math.pi) * xp.exp(-0.5 * x * x)
