@@ -125,7 +125,9 @@ def test_pepita_network_from_the_python_api(data_30_5, tmp_path):
                                       milestones=(1,), gamma=0.5),
                         monitors=[Monitor("W1.norm", every=2), GradientAlignment("W1"),
                                   Monitor("hidden.r", phase="modulated", units=(2, 7),
-                                          sample="mean")],
+                                          sample="mean"),
+                                  Monitor("W2.w", every=2), Monitor("W1.dw", every=3),
+                                  Monitor("W1.w", synapses=[(0, 1), (7, 29)], name="syn")],
                         batch=8, seed=11, fuse=False)
     sim = Simulator(plan)
     enter_epoch(sim, 0)
