@@ -327,7 +327,8 @@ def save_simulator(sim, path) -> Path:
 
     header = {"format": FORMAT, "version": FORMAT_VERSION, "neurosim_version": __version__,
               "simulator": {"type": cls_name, "args": sim_args},
-              "backend": getattr(sim.backend, "name", "numba"), "threads": int(sim.threads),
+              "backend": getattr(sim.backend, "name", type(sim.backend).__name__),
+              "threads": int(sim.threads),
               "plan": desc, "fingerprint": fingerprint,
               "counters": {"trial": int(sim.trial), "step": int(sim.step),
                            "epoch": int(sim.epoch)},
@@ -457,9 +458,17 @@ def load_simulator(path, *, expected=None, threads: int | None = None,
                               f"{header.get('neurosim_version')}), so continuing would not be "
                               "bit-identical.", "pass strict=False to restore the state by name "
                               "into the plan this version compiles.")
-    sim = cls(plan, threads=header["threads"] if threads is None else threads,
-              backend=header["backend"] if backend is None else backend, **kwargs)
-    _restore(sim, header, arrays, where, strict)
+    try:
+        sim = cls(plan, threads=header["threads"] if threads is None else threads,
+                  backend=header["backend"] if backend is None else backend, **kwargs)
+        _restore(sim, header, arrays, where, strict)
+    except ValidationError as e:
+        if e.where == where:
+            raise
+        raise ValidationError(where, f"{e.where}: {e.message}", e.hint) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValidationError(where, f"the state in the file is malformed "
+                              f"({type(e).__name__}: {e}).") from None
     return sim
 
 

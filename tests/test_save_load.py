@@ -313,6 +313,8 @@ def test_corrupt_truncated_and_foreign_files(tmp_path, data_30_5):
     np.savez(tmp_path / "other.npz", a=np.arange(3))
     refused(tmp_path / "other.npz", "not a saved simulator")
     refused(tmp_path / "missing.npz", "no file")
+    refused(_rewrite(good, tmp_path / "nobuffers.npz", edit_header=lambda h: h.pop("buffers")),
+            "malformed")
     e = refused(_rewrite(good, tmp_path / "future.npz",
                          edit_header=lambda h: h.update(version=99)), "format version 99")
     assert "neurosim version" in e.hint
