@@ -108,6 +108,17 @@ def invalid_value(kind):
                          st.lists(st.text(max_size=2), min_size=1, max_size=3),
                          st.lists(st.booleans(), min_size=1, max_size=3),
                          st.dictionaries(st.text("ab", max_size=2), st.integers(), max_size=2))
+    if kind == "pairs":
+        return st.one_of(st.integers(), st.text(max_size=4), st.just([]),
+                         st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=1), min_size=1,
+                                  max_size=2),
+                         st.lists(st.lists(st.integers(max_value=-1), min_size=2, max_size=2),
+                                  min_size=1, max_size=2),
+                         st.lists(st.text(max_size=2), min_size=1, max_size=3), _JUNK)
+    if kind == "every":
+        return st.one_of(st.integers(max_value=0), st.sampled_from(["abc", "0 epoch", "-1 epoch",
+                                                                   "epoch", "1 parsec"]),
+                         st.floats(allow_nan=True), st.booleans(), _JUNK)
     raise AssertionError(kind)
 
 
