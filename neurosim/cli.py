@@ -68,9 +68,18 @@ def main(argv=None) -> int:
     except NeurosimError as e:
         print(f"neurosim: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("neurosim: interrupted; the last checkpoint is intact (continue with --resume).",
-              file=sys.stderr)
+    except OSError as e:    # a file-system failure no command turned into a clearer error
+        from .rundir import os_error
+
+        print(f"neurosim: error: {os_error(e, doing='complete the command')}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("neurosim: error: the machine ran out of memory. Hint: lower training.batch_size "
+              "or the population sizes.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        # the runs say what they kept (KeyboardInterrupt("interrupted; epochs 1-3 are kept..."))
+        print(f"neurosim: {e or 'interrupted.'}", file=sys.stderr)
         return 130
 
 
@@ -94,13 +103,16 @@ def _validate(args) -> int:
 
 def _run(args) -> int:
     from . import scenario as sc
+    from .rundir import check_inside, safe_name
     from .training import run
 
     if args.resume:
         out = Path(args.resume)
-        if not (out / "scenario.toml").is_file():
-            raise ValidationError("--resume", f"{str(out)!r} has no scenario.toml; it is not a "
-                                  "run directory.")
+        if not ((out / "scenario.toml").is_file() and (out / "checkpoints").is_dir()):
+            raise ValidationError("--resume", f"{str(out)!r} has no scenario.toml and "
+                                  "checkpoints/ folder; it is not a run directory.",
+                                  "give the folder a neurosim run wrote (it prints 'run "
+                                  "directory: ...').")
         if args.scenario:
             print("neurosim: note: --resume uses the run directory's scenario.toml; the "
                   "scenario argument is ignored.", file=sys.stderr)
@@ -109,8 +121,12 @@ def _run(args) -> int:
         if not args.scenario:
             raise ValidationError("run", "no scenario given.", "neurosim run scenarios/pepita_mnist.toml")
         settings = sc.load(args.scenario, args.overrides)
-        out = Path(args.out) if args.out else Path("runs") / (
-            f"{settings['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.out:
+            out = Path(args.out)
+        else:   # the name is the user's text: one safe path component, inside runs/
+            out = Path("runs") / (f"{safe_name(settings['name'], 'run')}-"
+                                  f"{time.strftime('%Y%m%d-%H%M%S')}")
+            check_inside(out, Path("runs"), "name")
     runner = sc.runner_for(settings) or run
     summary = runner(settings, out, data_dir=args.data, resume=bool(args.resume),
                      progress=not args.no_progress)

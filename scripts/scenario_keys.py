@@ -46,7 +46,9 @@ MEANING = {
     "simulation.mode": "`steady` (settled passes) or `time` (Euler steps of tau dr/dt = -r + f)",
     "simulation.dt": "time step (time mode); a number in seconds or a string like \"2 ms\"",
     "simulation.tau": "rate time constant of the non-instantaneous populations",
-    "simulation.phase_duration": "duration of each phase (time mode)",
+    "simulation.phase_duration": f"duration of each phase (time mode; at most "
+                                 f"{sc.MAX_STEPS_PER_PHASE} steps of `dt` per phase and "
+                                 f"{sc.MAX_STEPS_PER_TRIAL} per trial)",
     "simulation.method": "`euler` or `exp_euler` (exact for the leak)",
     "monitor.target": "`pop.r`, `pop.drive`, `proj.norm`, `proj.update_norm`, `angle:F`, "
                       "`angle:B1`, `grad_angle:W1` (angle of the rule's update to the BP "
@@ -68,7 +70,8 @@ def _kind(kind) -> str:
     text = {"int+": "integer >= 1", "int0": "integer >= 0", "float+": "number > 0",
             "float0": "number >= 0", "prob": "number in [0, 1)", "mom": "number in [0, 1)",
             "bool": "true / false", "str": "string", "time": "time (s, or \"10 ms\")",
-            "list[int]": "list of integers", "sample": "integer >= 0 or `mean`"}.get(kind, kind)
+            "list[int]": "list of integers", "sample": "integer >= 0 or `mean`",
+            "seed": "integer in [0, 2**63)"}.get(kind, kind)
     return text + (", optional" if optional else "")
 
 
