@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,5 +141,18 @@ def _run(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``neurosim`` console command: :func:`main`, then exit with its code. After Ctrl-C
+    (exit code 130; every command has released its folders and written what it keeps by then)
+    the process ends at once instead of waiting, often most of a second, for the libraries'
+    interpreter teardown, so that Ctrl-C returns the prompt within a second."""
+    rc = main()
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -27,11 +27,12 @@ _MODELS: dict = {}
 
 #: Seeds are stored as int64 in checkpoints: ``training.seed`` must lie in [0, 2**63).
 MAX_SEED = 2**63 - 1
-#: Time mode: at most this many time steps per phase (``phase_duration / dt``) and per trial
-#: (all phases). A trial runs inside one compiled call, so its length bounds how late Ctrl-C
-#: and the progress bar are honoured: 10 000 steps of the reference network (784-1024-10,
-#: batch 64) take about half a second on one core.
-MAX_STEPS_PER_PHASE = 10_000
+#: Time mode: at most this many time steps per phase (``phase_duration / dt``, checked with
+#: the scenario) and per trial (all phases, checked with the circuit). A trial runs inside one
+#: compiled call, so its length bounds how late Ctrl-C and the progress bar are honoured:
+#: 20 000 steps of the reference network (784-1024-10, batch 64) take about a second on one
+#: core.
+MAX_STEPS_PER_PHASE = 20_000
 MAX_STEPS_PER_TRIAL = 20_000
 
 

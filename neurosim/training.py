@@ -496,8 +496,9 @@ def _kept(out: Path) -> str:
         ck = None
     if ck is not None:
         epoch = int(_CHECKPOINT_NAME.fullmatch(ck.name).group(1))
-        return (f"epochs 1-{epoch} are kept (last checkpoint {ck}); continue with: neurosim run "
-                f"--resume {out}")
+        kept = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+        return (f"{kept} kept (last checkpoint {ck}); continue with: neurosim run --resume "
+                f"{out}")
     return (f"no epoch had finished; {out} keeps the scenario, and neurosim run --resume {out} "
             "starts it again from epoch 1")
 
