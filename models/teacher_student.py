@@ -158,6 +158,7 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
     inst = make_instance(m)
     out = Path(out_dir)
     with rundir.FolderLock(out, "run"):       # one writer; never replaces files of others
+        rundir.remove_stale_tmp(out, TS_FILES)
         rundir.check_fresh(out, TS_FILES)
         try:
             rundir.atomic_write_text(out / "scenario.toml", sc.to_toml(settings))

@@ -58,9 +58,9 @@ def _parser(extra=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    extra = _extra_modules()
-    args = _parser(extra).parse_args(argv)
     try:
+        extra = _extra_modules()
+        args = _parser(extra).parse_args(argv)
         if args.command in extra:
             return extra[args.command].main(args)
         if args.command == "validate":
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:
         # the runs say what they kept (KeyboardInterrupt("interrupted; epochs 1-3 are kept..."))
-        print(f"neurosim: {e or 'interrupted.'}", file=sys.stderr)
+        print(f"neurosim: {str(e) or 'interrupted.'}", file=sys.stderr)
         return 130
 
 

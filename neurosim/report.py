@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ValidationError
-from .rundir import atomic_write_bytes, safe_name
+from .rundir import atomic_write_bytes, remove_dead_tmp, safe_name
 
 HELP = "plot a run or a sweep (learning curves, angles, goodness, traces) and summarise it"
 
@@ -299,6 +299,7 @@ def _fmt(v, pct=False):
 
 
 def report_run(d: Path) -> list[Path]:
+    remove_dead_tmp(d)          # left by a report that was killed while writing
     s = run_series(d)
     summary, m = s["summary"], s["metrics"]
     name = summary.get("scenario", d.name)
@@ -427,6 +428,7 @@ def _write_md(path: Path, lines) -> Path:
 def report_sweep(d: Path, runs: bool = False) -> list[Path]:
     from .sweep import _mean_std
 
+    remove_dead_tmp(d)
     spec = _read_json(d / "sweep.json") or {}
     grid = spec.get("grid") or {}
     try:

@@ -92,21 +92,21 @@ def check_inside(path: Path, root: Path, where: str) -> Path:
 
 
 def check_fresh(folder: Path, names, what: str = "run") -> None:
-    """Refuse a folder that already holds any of ``names`` (a file, or a non-empty folder),
-    or their temporary files: a new run never replaces files it did not write."""
+    """Refuse a folder that already holds any of ``names`` (a file, or a non-empty folder): a
+    new run never replaces files it did not write. (Their stale ``.tmp`` files are the
+    writer's own: remove them first with :func:`remove_stale_tmp`.)"""
     folder = Path(folder)
     found = []
-    for name in names:
-        for n in (name, name + TMP_SUFFIX):
-            p = folder / n
-            try:
-                if p.is_dir() and not p.is_symlink():
-                    if any(p.iterdir()):
-                        found.append(n + "/")
-                elif p.exists() or p.is_symlink():
-                    found.append(n)
-            except OSError as e:
-                raise os_error(e, p, "look into it") from None
+    for n in names:
+        p = folder / n
+        try:
+            if p.is_dir() and not p.is_symlink():
+                if any(p.iterdir()):
+                    found.append(n + "/")
+            elif p.exists() or p.is_symlink():
+                found.append(n)
+        except OSError as e:
+            raise os_error(e, p, "look into it") from None
     if found:
         resume = (f"continue it with: neurosim run --resume {folder}" if what == "run" else
                   "re-run the same sweep command to continue it")
@@ -117,8 +117,8 @@ def check_fresh(folder: Path, names, what: str = "run") -> None:
 
 
 def remove_stale_tmp(folder: Path, names) -> list[Path]:
-    """Remove the temporary files ``<name>.tmp`` (and ``checkpoints/*.tmp``) that a killed
-    writer left in ``folder``; call it while holding the folder's lock. Returns them."""
+    """Remove the temporary files ``<name>.tmp`` (and ``checkpoints/epoch-*.npz.tmp``) that a
+    killed writer left in ``folder``; call it while holding the folder's lock. Returns them."""
     folder = Path(folder)
     stale = [folder / (n + TMP_SUFFIX) for n in names]
     ck = folder / "checkpoints"
@@ -133,6 +133,39 @@ def remove_stale_tmp(folder: Path, names) -> list[Path]:
         except OSError as e:
             raise os_error(e, p, "remove this temporary file left by a killed run") from None
     return removed
+
+
+_UNIQUE_TMP = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}" + re.escape(TMP_SUFFIX))
+
+
+def remove_dead_tmp(folder: Path) -> list[Path]:
+    """Remove the temporary files of ``atomic_write_bytes(..., unique=True)`` in ``folder``
+    whose writer (the PID in the name) no longer runs on this machine. Returns them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _UNIQUE_TMP.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, but not ours to signal
+        return True
+    return True
 
 
 # -- atomic writes ---------------------------------------------------------------------------------
@@ -233,6 +266,16 @@ class FolderLock:
             raise os_error(e, e.filename or self.folder, f"create the {self.what} folder") from None
 
     def acquire(self) -> "FolderLock":
+        try:
+            return self._acquire()
+        except BaseException:           # e.g. Ctrl-C half-way: no lock, no folder left behind
+            if self._fd is not None:
+                self.release()
+            else:
+                self._remove_created()
+            raise
+
+    def _acquire(self) -> "FolderLock":
         self._make_folder()
         while True:
             try:

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NeurosimError, SimulationError, ValidationError
-from .rundir import FolderLock, atomic_write_text, check_fresh, check_inside, os_error, safe_name
+from .rundir import (FolderLock, atomic_write_text, check_fresh, check_inside, os_error,
+                     remove_stale_tmp, safe_name)
 
 #: What a sweep writes into its folder (a folder holding any of them without ``sweep.json`` is
 #: refused: a sweep never replaces files it did not write).
@@ -484,6 +485,7 @@ def main(args) -> int:
     out = out.resolve()
     lock = FolderLock(out, "sweep").acquire()   # one sweep per folder, for its whole lifetime
     try:
+        remove_stale_tmp(out, SWEEP_FILES)          # what a killed sweep left
         if not (out / "sweep.json").is_file():
             check_fresh(out, SWEEP_FILES, "sweep")
         return _sweep(args, t_start, grid, base, runs, data_dir, out)

@@ -407,21 +407,23 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
         settings = copy.deepcopy(settings)
         settings["data"]["dir"] = str(Path(data_dir).resolve())
     with rundir.FolderLock(out, "run"):
-        if resume:
-            rundir.remove_stale_tmp(out, RUN_FILES)
+        rundir.remove_stale_tmp(out, RUN_FILES)       # what a killed writer left
+        rundir.remove_dead_tmp(out)                    # ... and a killed report
+        is_run = (out / "scenario.toml").is_file() and (out / "checkpoints").is_dir()
+        if resume and is_run:
             start_epoch, metrics = _resume_point(out, sim, settings, ds, log)
-        else:
-            if (out / "scenario.toml").is_file() and (out / "checkpoints").is_dir():
+        else:   # a new run (or the resumption of a run that never started)
+            if is_run:
                 raise ValidationError("--out", f"{str(out)!r} already holds a run.",
                                       "choose another --out, or continue it with --resume.")
             rundir.check_fresh(out, RUN_FILES)
             start_epoch, metrics = 0, []
-        made = {"checkpoints": not (out / "checkpoints").is_dir()}
+        made_checkpoints = not is_run and not (out / "checkpoints").is_dir()
         try:
             summary = _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch,
                              progress, log)
         except BaseException as e:
-            err = _after_failure(out, e, made["checkpoints"] and not resume)
+            err = _after_failure(out, e, made_checkpoints)
             if err is e:
                 raise
             raise err from e
