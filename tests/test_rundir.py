@@ -683,3 +683,71 @@ def test_check_inside():
     assert rundir.check_inside(root / "a-1", root, "name") == (root / "a-1").resolve()
     with pytest.raises(ValidationError, match="outside"):
         rundir.check_inside(root / ".." / "x", root, "name")
+
+
+# -- report on damaged run directories: a clean error or a report, never a traceback ---------------
+def _damaged_contents():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
+                        st.floats(allow_nan=True), st.text(max_size=20))
+    json_values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                            st.dictionaries(st.text(max_size=12),
+                                                                            c, max_size=4)),
+                               max_leaves=12)
+    summary_like = st.dictionaries(st.sampled_from(["scenario", "epochs_done", "n_train",
+                                                    "final_test_accuracy", "slowness", "complete",
+                                                    "model", "wall_s"]), json_values, max_size=6)
+    csv_cell = st.one_of(st.sampled_from(["", "nan", "inf", "-1", "1e400", "x", "3"]),
+                         st.integers(-5, 5).map(str))
+    csv_text = st.lists(st.lists(csv_cell, min_size=1, max_size=8), min_size=1, max_size=5).map(
+        lambda rows: "epoch,test_accuracy,train_accuracy,lr,samples_per_s\n"
+        + "\n".join(",".join(r) for r in rows) + "\n")
+    return st.one_of(
+        st.tuples(st.just("summary.json"), st.one_of(json_values, summary_like).map(json.dumps)),
+        st.tuples(st.just("error.json"), st.one_of(json_values, summary_like).map(json.dumps)),
+        st.tuples(st.just("metrics.csv"), st.one_of(csv_text, st.text(max_size=80))),
+        st.tuples(st.sampled_from(["traces.npz", "summary.json", "metrics.csv", "scenario.toml"]),
+                  st.binary(max_size=64)))
+
+
+def test_report_on_damaged_run_directories(tmp_path_factory, reference):
+    """Random damage to the files report reads: exit 0 or 2, never an exception."""
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+
+    from neurosim import report as rp
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(damage=_damaged_contents())
+    def check(damage):
+        run = tmp_path_factory.mktemp("damaged") / "run"
+        shutil.copytree(reference, run)
+        name, content = damage
+        (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        rc = cli(["report", str(run)])
+        assert rc in (0, 2)
+        _no_tmp(run)
+
+    real = {n: getattr(rp, n) for n in ("plot_learning", "plot_scalar_series", "plot_traces")}
+
+    def drawn(fn):   # the data reach the real plotting code once per kind, then a cheap stand-in
+        seen = set()
+
+        def plot(path, *a, **k):
+            if path.name not in seen:
+                seen.add(path.name)
+                return fn(path, *a, **k)
+            path.write_bytes(b"\x89PNG")
+            return path
+        return plot
+
+    try:
+        for n, fn in real.items():
+            setattr(rp, n, drawn(fn))
+        check()
+    finally:
+        for n, fn in real.items():
+            setattr(rp, n, fn)
