@@ -330,8 +330,8 @@ def report_run(d: Path) -> list[Path]:
             if i is None:
                 md.append("| … | | | | |")
                 continue
-            ep = m["epoch"][i]
-            md.append(f"| {int(ep) if math.isfinite(ep) else '—'} | {_fmt(m.get('test_accuracy', [math.nan] * (i + 1))[i], True)} "
+            ep = int(m["epoch"][i]) if math.isfinite(m["epoch"][i]) else "—"
+            md.append(f"| {ep} | {_fmt(m.get('test_accuracy', [math.nan] * (i + 1))[i], True)} "
                       f"| {_fmt(m.get('train_accuracy', [math.nan] * (i + 1))[i], True)} | "
                       f"{_fmt(m.get('lr', [math.nan] * (i + 1))[i])} | "
                       f"{_fmt(m.get('samples_per_s', [math.nan] * (i + 1))[i])} |")

@@ -78,7 +78,8 @@ def safe_name(text: str, default: str = "run") -> str:
     short hash of the original. ``"../esc/x"`` -> ``"esc-x"``; an empty result -> ``default``."""
     s = _UNSAFE.sub("-", str(text)).strip("-.")
     if len(s) > MAX_NAME:
-        s = s[: MAX_NAME - 9].rstrip("-.") + "-" + hashlib.sha256(str(text).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(str(text).encode()).hexdigest()[:8]
+        s = s[: MAX_NAME - 9].rstrip("-.") + "-" + digest
     return s or default
 
 

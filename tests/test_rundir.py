@@ -164,7 +164,8 @@ def test_a_second_sweep_on_one_folder_is_refused(tmp_path, scen, data, capsys):
 
 
 # -- row 2: names that would escape ----------------------------------------------------------------
-@pytest.mark.parametrize("name", ["../esc/x", "/tmp/abs-esc", "..", "a/../../b", "  ", "\u00e9t\u00e9 1"])
+@pytest.mark.parametrize("name", ["../esc/x", "/tmp/abs-esc", "..", "a/../../b", "  ",
+                                  "\u00e9t\u00e9 1"])
 def test_scenario_names_stay_inside_runs(tmp_path, monkeypatch, data, scen, name, capsys):
     work = tmp_path / "work"
     work.mkdir()
@@ -408,7 +409,7 @@ def test_sweep_seeds_beyond_the_range_are_refused(tmp_path, scen, capsys):
     assert not (tmp_path / "sw").exists()
 
 
-# -- row 6: memory -----------------------------------------------------------------------------------
+# -- row 6: memory ---------------------------------------------------------------------------------
 def test_memory_estimate_is_compared_with_available_memory(monkeypatch, capsys):
     """batch_size = 100000 on the reference network needs about 21.8 GiB: refused when less is
     available (here 20 GiB of a larger machine), allowed with NEUROSIM_MEMORY_CHECK=off (checked
@@ -572,7 +573,7 @@ def test_run_files_lists_everything_a_run_writes(reference):
     assert top - {"error.json"} <= set(training.RUN_FILES), top - set(training.RUN_FILES)
 
 
-# -- row 9: 10 000 epochs and more -------------------------------------------------------------------
+# -- row 9: 10 000 epochs and more -----------------------------------------------------------------
 def test_checkpoints_are_ordered_by_epoch_number(tmp_path, reference, capsys):
     import shutil
 
@@ -641,7 +642,7 @@ def test_report_of_a_sweep_ignores_unsafe_run_names(tmp_path, reference, capsys)
 
 
 # -- row 11: a divergence in the first epoch writes error.json (tests/test_divergence.py) ----------
-# -- the building blocks -----------------------------------------------------------------------------
+# -- the building blocks ---------------------------------------------------------------------------
 def test_atomic_write_removes_its_temporary_file_on_any_failure(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
