@@ -69,6 +69,12 @@ def main(argv=None) -> int:
     except NeurosimError as e:
         print(f"neurosim: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output left (| head): nothing to tell it
+        try:                 # and no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     except OSError as e:    # a file-system failure no command turned into a clearer error
         from .rundir import os_error
 

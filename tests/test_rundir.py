@@ -679,6 +679,25 @@ def test_os_errors_become_resource_errors_with_a_hint():
         assert errno.errorcode[code] in e.message and e.hint
 
 
+def test_a_closed_output_pipe_ends_quietly(tmp_path, monkeypatch, scen, capsys):
+    """``neurosim validate ... | head -0``: exit code 1, no traceback, no error message."""
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+        def flush(self):
+            pass
+
+        def fileno(self):          # an in-memory stream (the test's fd 1 stays untouched)
+            import io
+
+            raise io.UnsupportedOperation("fileno")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert cli(["validate", str(scen)]) == 1
+    assert capsys.readouterr().err == ""
+
+
 def test_check_inside():
     root = Path("runs")
     assert rundir.check_inside(root / "a-1", root, "name") == (root / "a-1").resolve()
