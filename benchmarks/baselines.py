@@ -60,7 +60,7 @@ def _require_torch():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "TorchPEPITA needs PyTorch, which is not installed. Install the CPU build with "
-            "`/tmp/venv/bin/pip install torch==2.13.0` (other versions pull multi-GB CUDA wheels)."
+            "`pip install torch==2.13.0` (other versions pull multi-GB CUDA wheels)."
         ) from exc
     return torch
 

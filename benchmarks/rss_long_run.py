@@ -1,6 +1,6 @@
 """Resident memory (RSS) of a long ``neurosim run``, sampled per epoch.
 
-    python benchmarks/rss_long_run.py [--data ../shared/data/mnist] [--epochs 40]
+    python benchmarks/rss_long_run.py [--data DIR] [--epochs 40]
         [--train-limit 10000] [--scenario scenarios/pepita_mnist.toml] [--out /tmp/rss-run]
 
 Starts ``neurosim run`` as a child process (the scenario's monitors included, checkpoints and
@@ -23,6 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def data_args(data) -> list:
+    """``--data DIR`` for the child commands, or nothing (they then use the dataset lookup)."""
+    return ["--data", str(data)] if data else []
+
+
 def rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -35,7 +40,9 @@ def rss_kib(pid: int) -> int | None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--data", default=None,
+                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or "
+                        "the user cache)")
     p.add_argument("--scenario", default=str(REPO / "scenarios" / "pepita_mnist.toml"))
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--train-limit", type=int, default=10000)
@@ -43,7 +50,7 @@ def main():
     a = p.parse_args()
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "neurosim.cli", "run", a.scenario, "--data", a.data, "--out",
+    cmd = [sys.executable, "-m", "neurosim.cli", "run", a.scenario, *data_args(a.data), "--out",
            str(out), "--no-progress", "--set", f"training.epochs={a.epochs}",
            "--set", f"data.train_limit={a.train_limit}", "--set", "data.test_limit=2000"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,7 +1,7 @@
 """Overhead of ``neurosim sweep`` (dask.distributed) per run, against the same runs done
 serially.
 
-    python benchmarks/sweep_overhead.py [--data ../shared/data/mnist] [--runs 8] [--epochs 2]
+    python benchmarks/sweep_overhead.py [--data DIR] [--runs 8] [--epochs 2]
         [--train-limit 2000] [--hidden 256] [--workers 1 2] [--out /tmp/sweep-bench]
 
 The runs are a ``training.lr`` grid x seeds of PEPITA 784-H-10 on MNIST (``--train-limit``
@@ -31,6 +31,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def data_args(data) -> list:
+    """``--data DIR`` for the child commands, or nothing (they then use the dataset lookup)."""
+    return ["--data", str(data)] if data else []
+
+
 def scenario_text(epochs, train_limit, hidden):
     return f"""name = "bench"
 [model]
@@ -51,7 +56,9 @@ every = 50
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--data", default=None,
+                   help="the MNIST folder (default: the dataset lookup, $NEUROSIM_DATA/mnist or "
+                        "the user cache)")
     p.add_argument("--runs", type=int, default=8, help="even: 2 seeds per lr value")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=2000)
@@ -88,7 +95,7 @@ def main():
         t0 = time.perf_counter()
         for r in runs:
             sets = [f"training.lr={r.point['training.lr']}", f"training.seed={r.seed}"]
-            cmd = [sys.executable, "-m", "neurosim.cli", "run", str(scen), "--data", a.data,
+            cmd = [sys.executable, "-m", "neurosim.cli", "run", str(scen), *data_args(a.data),
                    "--out", str(out / "cli" / r.name), "--no-progress"]
             for s in sets:
                 cmd += ["--set", s]
@@ -99,7 +106,8 @@ def main():
     for w in a.workers:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "neurosim.cli", "sweep", str(scen), *grid,
-                        "--data", a.data, "--out", str(out / f"sweep-w{w}"), "--workers", str(w),
+                        *data_args(a.data), "--out", str(out / f"sweep-w{w}"),
+                        "--workers", str(w),
                         "--no-progress"], check=True, capture_output=True, cwd=REPO)
         results[f"sweep-w{w}"] = time.perf_counter() - t0
 

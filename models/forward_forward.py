@@ -42,7 +42,7 @@ import numpy as np
 
 from neurosim import (SGD, Circuit, Monitor, Normal, Phase, Protocol, Simulator, ValidationError,
                       Zeros, compile_plan)
-from neurosim.kernels import ops as K
+from neurosim.optable import RMS_NORM, f_ref
 from neurosim.plasticity import ForwardForward, Goodness, SoftmaxReadout
 
 HIDDEN = ("relu", "identity", "tanh", "sigmoid", "erf")
@@ -184,9 +184,10 @@ class FFSimulator(Simulator):
     appends a row (trial, accuracies, seconds) to that CSV file.
     """
 
-    def __init__(self, plan, threads: int = 1, *, network: FFNetwork, classify="goodness",
+    def __init__(self, plan, threads: int = 1, *, backend="numba", network: FFNetwork,
+                 classify="goodness",
                  eval_batch: int = 1000):
-        super().__init__(plan, threads=threads)
+        super().__init__(plan, threads=threads, backend=backend)
         if classify not in ("goodness", "softmax"):
             raise ValidationError("FFSimulator.classify", f"got {classify!r}, expected "
                                   "'goodness' or 'softmax'.")
@@ -209,9 +210,9 @@ class FFSimulator(Simulator):
                           dt=proto.dt, method=proto.method)
             plan = compile_plan(net.circuit, ph, batch=self.eval_batch, seed=self.plan.seed,
                                 output=net.readout or net.layers[-1])
-            self._eval = Simulator(plan, threads=self.threads)
+            self._eval = Simulator(plan, threads=self.threads, backend=self.backend)
         for name in net.circuit.projections:
-            self._eval.plan.view(f"{name}.W")[...] = self.plan.view(f"{name}.W")
+            self._eval.view(f"{name}.W")[...] = self.view(f"{name}.W")
         return self._eval
 
     def goodness(self, X) -> np.ndarray:
@@ -221,16 +222,15 @@ class FFSimulator(Simulator):
         ev = self._evaluator()
         C = net.n_classes
         out = np.zeros((X.shape[0], C), np.float64)
-        codes = {h: net.circuit.populations[h].code - K.RMS_NORM for h in net.goodness_layers}
+        # the layers' activity f(drive), before their RMS normalisation
+        codes = {h: net.circuit.populations[h].code - RMS_NORM for h in net.goodness_layers}
         for s in range(0, X.shape[0], self.eval_batch):
             xb = X[s:s + self.eval_batch]
             nb = xb.shape[0]
             for lab in range(C):
                 ev.outputs(embed_label(xb, lab, C, net.label_strength))
                 for h in net.goodness_layers:
-                    d = ev.plan.view(f"{h}.drive@probe", nb)
-                    a = np.empty_like(d)
-                    K.apply_f(a, d, codes[h])
+                    a = f_ref(np, codes[h], ev.view(f"{h}.drive@probe", nb))
                     out[s:s + nb, lab] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
         return out
 
@@ -341,7 +341,11 @@ def _from_settings(s):
 
 def make_ff_simulator(settings: dict) -> FFSimulator:
     """The scenario's network compiled with Hinton's optimizer and the goodness monitors
-    (``[[monitor]] target = "h1.goodness", phase = "positive"``); standard monitors otherwise."""
+    (``[[monitor]] target = "h1.goodness", phase = "positive"``); standard monitors otherwise.
+    Monitor intervals in epochs are resolved for the nominal training-set size."""
+    from neurosim import scenario as sc
+
+    settings = sc.with_trial_intervals(settings)
     net = network_from_settings(settings)
     tr, m = settings["training"], settings["model"]
     opt = ff_optimizer(tr["lr"], tr["epochs"], momentum=tr["momentum"],
@@ -366,7 +370,7 @@ def make_ff_simulator(settings: dict) -> FFSimulator:
                                 sample=mon["sample"], name=mon["name"]))
     plan = compile_plan(net.circuit, net.protocol, rules=list(net.rules), optimizer=opt,
                         monitors=mons, batch=tr["batch_size"], seed=tr["seed"], output=None)
-    return FFSimulator(plan, threads=tr["threads"], network=net, classify=m["classify"],
+    return FFSimulator(plan, threads=tr["threads"], backend=tr["backend"], network=net, classify=m["classify"],
                        eval_batch=m["eval_batch"])
 
 

@@ -28,10 +28,6 @@ from neurosim.plasticity.pepita_variants import (NormalizedPEPITA, PEPITATimeLoc
 
 from .pepita import PEPITA_SCHEMA, PepitaNetwork, build_pepita_network
 
-#: training-set sizes, to turn epochs into minibatches for the mirroring schedule
-TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
-
-
 def wm_factor_std(sizes, f_scale=0.05) -> float:
     """Std s of the entries of each factor B_l: ``(sd_F / sqrt(prod hidden))^(1/L)`` with
     ``sd_F = f_scale sqrt(2 / d_in)``, so that std(B_1 ... B_L) ~ sd_F."""
@@ -48,7 +44,9 @@ def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1,
     """A PEPITA network whose F is the product of factors B_1 ... B_L, N(0, s^2) each
     (:func:`wm_factor_std`), and the rules ``[PEPITA, WeightMirroring]`` (``mirroring=False``:
     mirroring with lr = 0, i.e. the same factorized F, rescaled to std sd_F and never mirrored --
-    the control). Returns ``(network, rules)``.
+    the control). Returns ``(network, rules)``. The schedule (``premirror_epochs``,
+    ``wm_period``) follows the epoch that ``Simulator.set_epoch`` sets; ``trials_per_epoch`` is
+    deprecated and ignored (passed on to the rule, which warns).
 
     The default convention is ``iclr2024`` (s = -1): with a mirrored F that sign makes the
     modulation descend (algorithms.md 1.1)."""
@@ -60,7 +58,7 @@ def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1,
     for l in range(len(pops) - 1):
         factors.append(f"B{l + 1}")
         # B_l shaped like W_l^T: post = W_l's pre, pre = W_l's post; active in no phase
-        c.feedback(pops[l + 1], pops[l], name=factors[-1], init=Normal(s), phases=())
+        c.feedback(pops[l + 1], pops[l], name=factors[-1], init=Normal(std=s), phases=())
     # mirroring=False: the same rule with lr = 0 keeps F = B_1 ... B_L (rescaled to sd_F) and
     # never changes the factors; the schedule is then irrelevant
     wm = WeightMirroring(factors=tuple(factors), feedback="F", lr=wm_lr if mirroring else 0.0,
@@ -69,14 +67,6 @@ def build_pepita_wm_network(sizes=(784, 1024, 10), *, mirroring=True, wm_lr=0.1,
                          period=wm_period if mirroring else 1,
                          trials_per_epoch=trials_per_epoch)
     return net, [net.rule, wm]
-
-
-def trials_per_epoch(settings) -> int:
-    d, tr = settings["data"], settings["training"]
-    n = TRAIN_SIZES[d["dataset"]]
-    if d.get("train_limit"):
-        n = min(n, d["train_limit"])
-    return -(-n // tr["batch_size"])
 
 
 def _common(s):
@@ -114,8 +104,7 @@ def _build_wm(s):
     net, rules = build_pepita_wm_network(
         tuple(m["sizes"]), mirroring=m["mirroring"], wm_lr=m["wm_lr"], wm_wd=m["wm_wd"],
         wm_noise=m["wm_noise"], wm_noise_dist=m["wm_noise_dist"],
-        premirror_epochs=m["premirror_epochs"], wm_period=m["wm_period"],
-        trials_per_epoch=trials_per_epoch(s), **kw)
+        premirror_epochs=m["premirror_epochs"], wm_period=m["wm_period"], **kw)
     return net.circuit, net.protocol, rules, "output"
 
 
@@ -150,4 +139,4 @@ def _register():
 
 _register()
 
-__all__ = ["build_pepita_wm_network", "wm_factor_std", "trials_per_epoch", "PepitaNetwork"]
+__all__ = ["build_pepita_wm_network", "wm_factor_std", "PepitaNetwork"]

@@ -400,10 +400,10 @@ def _plot(path, m, inst, times, odes, sims, phi_info):
     bx.set_ylim(-1.05, 1.05)
     bx.axhline(0, color="0.8", lw=0.6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    rundir.atomic_write_bytes(path, buf.getvalue())
+    try:
+        rundir.atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _register():

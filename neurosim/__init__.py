@@ -8,10 +8,10 @@ Public API (everything else is private)::
 
 from .circuit import Circuit, ErrorPopulation, Population, Projection, TRANSFERS
 from .compiler import Plan, PlanBuilder, compile_plan
-from .errors import (CompileError, DataError, FolderLockedError, NeurosimError, NeurosimWarning,
-                     ResourceError, SimulationError, ValidationError)
+from .errors import (BareTimeWarning, CompileError, DataError, FolderLockedError, NeurosimError,
+                     NeurosimWarning, ResourceError, SimulationError, ValidationError)
 from .init import FanInUniform, Given, HeUniform, Normal, Uniform, Zeros
-from .monitors import Monitor, Trace
+from .monitors import Monitor, Trace, Traces
 from .plasticity import (AFA, BP, CONVENTIONS, DFA, FA, PEPITA, SGD, PlasticityRule,
                          register_builder)
 from .protocol import Phase, Protocol
@@ -21,15 +21,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Circuit", "Population", "ErrorPopulation", "Projection", "TRANSFERS", "Phase", "Protocol",
-    "Monitor", "Trace", "Plan", "PlanBuilder", "compile_plan", "Simulator", "shuffled_order",
+    "Monitor", "Trace", "Traces", "Plan", "PlanBuilder", "compile_plan", "Simulator",
+    "shuffled_order",
     "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA", "PlasticityRule", "register_builder",
     "HeUniform", "FanInUniform", "Uniform", "Normal", "Zeros", "Given",
     "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",
-    "ResourceError", "FolderLockedError", "NeurosimWarning", "__version__",
+    "ResourceError", "FolderLockedError", "NeurosimWarning", "BareTimeWarning", "__version__",
 ]
 
-from .plasticity import NormalizedPEPITA, PEPITATimeLocal, WeightMirroring  # noqa: E402
+from .plasticity import NormalizedPEPITA, Oja, PEPITATimeLocal, WeightMirroring  # noqa: E402
 from .diagnostics import GradientAlignment, PepitaAfaAngle  # noqa: E402
 
-__all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "GradientAlignment",
+__all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "Oja", "GradientAlignment",
             "PepitaAfaAngle"]

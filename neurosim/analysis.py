@@ -22,22 +22,39 @@ def angle_deg(a, b) -> float:
     return float(np.degrees(np.arccos(np.clip(a @ b / (na * nb), -1.0, 1.0))))
 
 
+SLOWNESS_MIN_POINTS = 4
+"""Measured points :func:`slowness_fit` needs. The model is 0 at t = 0 whatever its parameters,
+so the prepended chance point carries no information and n measured points leave n - 2 degrees
+of freedom for two parameters; with fewer than two, s follows the noise of single epochs."""
+
+
+def slowness_points(epochs, test_acc, *, before=None) -> int:
+    """The number of measured points :func:`slowness_fit` would use (finite accuracies at
+    epochs up to ``before``; the prepended chance point not counted)."""
+    ep = np.asarray(epochs, np.float64)
+    keep = np.isfinite(np.asarray(test_acc, np.float64))
+    if before is not None:
+        keep &= ep <= before
+    return int(keep.sum())
+
+
 def slowness_fit(epochs, test_acc, *, n_classes: int = 10, before=None) -> dict | None:
     """Fit ``acc(t) = acc_max * t / (s + t)`` to the test curve (the convergence-rate
     "slowness" s of Srinivasan et al. 2024; smaller s = faster).
 
     Chance level (1 / n_classes) is prepended at epoch 0 as in the paper, and only epochs
     before ``before`` (the first learning-rate decay) are used. Returns ``{"s", "acc_max",
-    "n_points"}`` or None with fewer than 3 usable points.
+    "n_points"}`` (``n_points`` counts the chance point), or None with fewer than
+    :data:`SLOWNESS_MIN_POINTS` measured points or when the fit fails.
     """
     ep = np.asarray(epochs, np.float64)
     acc = np.asarray(test_acc, np.float64)
     keep = np.isfinite(acc)
     if before is not None:
         keep &= ep <= before
-    ep, acc = np.concatenate([[0.0], ep[keep]]), np.concatenate([[1.0 / n_classes], acc[keep]])
-    if len(ep) < 3:
+    if int(keep.sum()) < SLOWNESS_MIN_POINTS:
         return None
+    ep, acc = np.concatenate([[0.0], ep[keep]]), np.concatenate([[1.0 / n_classes], acc[keep]])
     from scipy.optimize import curve_fit
 
     def f(t, amax, s):

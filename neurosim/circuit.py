@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ValidationError
 from .init import AbstractInit, HeUniform, as_init
-from .kernels.ops import ERF, IDENTITY, RELU, RMS_NORM, SIGMOID, SOFTMAX, TANH
+from .optable import ERF, IDENTITY, RELU, RMS_NORM, SIGMOID, SOFTMAX, TANH
 from .params import check_choice, check_float, check_int, check_name
 from .units import to_seconds
 
@@ -69,7 +69,7 @@ class Population:
         check_name("Population", self.name)
         where = f"Population({self.name!r})"
         check_int(f"{where}.size", self.size, low=1)
-        object.__setattr__(self, "tau", to_seconds(self.tau, f"{where}.tau"))
+        object.__setattr__(self, "tau", to_seconds(self.tau, f"{where}.tau", warn_bare=True))
         check_choice(f"{where}.transfer", self.transfer, tuple(TRANSFERS))
         check_float(f"{where}.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if self.dropout and self.transfer == "softmax":

@@ -104,7 +104,7 @@ def _validate(args) -> int:
     print(f"{args.scenario}: OK — model {settings['model']['name']!r}, "
           f"{len(plan.circuit.populations)} populations, {len(plan.circuit.projections)} "
           f"projections, mode {plan.protocol.mode}, {len(plan.train.prog)} instructions per trial, "
-          f"arena {plan.mem.nbytes / 2**20:.1f} MiB")
+          f"arena {plan.init_mem.nbytes / 2**20:.1f} MiB")
     return 0
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from .circuit import Circuit, ErrorPopulation
 from .errors import CompileError, ValidationError
-from .kernels import ops as K
+from .expr import Buf, Expr, FPrime, emit_into
+from .optable import OPS, RMS_NORM, SOFTMAX, check_shapes, encode
 from .monitors import Monitor
 from .plasticity.base import builder_for
 from .plasticity.optim import SGD
@@ -29,53 +30,128 @@ from .rng import component_key, component_rng
 
 _ALIGN = 16  # floats (64 bytes) between buffers
 
+KINDS = ("weight", "optimizer", "state", "stimulus", "rule", "constant", "scratch", "stats")
+"""Buffer kinds. ``weight``: projection weights and biases; ``optimizer``: momentum and update
+buffers; ``state``: population rates, drives and dropout masks; ``stimulus``: clamped inputs;
+``rule``: persistent state of a rule or monitor (learned factors, running means, counters);
+``constant``: never written; ``scratch``: temporaries of one trial; ``stats``: counters read by
+Python (training accuracy). :meth:`Simulator.reset` and checkpoints select by kind."""
 
-@dataclass
+
+@dataclass(frozen=True)
 class Program:
     """Instructions + blocks of one kind of run (train, infer, free-run of a phase)."""
 
-    prog: np.ndarray          # int64 (n, 8): op, a, b, c, d, e, f, g
-    fprm: np.ndarray          # float64 (n, 6)
+    prog: np.ndarray          # int64 (n, 8): opcode, integer operands (neurosim.optable)
+    fprm: np.ndarray          # float64 (n, 6): float operands
     blocks: np.ndarray        # int64 (k, 5): start, end, repeat, phase index (-1), is-loop
-    where: list               # per instruction: (section, description of the object)
-    lr_slots: list = field(default_factory=list)   # instruction indices whose fprm[:,0] is lr
-    records: list = field(default_factory=list)    # (monitor index, section) recorded here
+    where: tuple              # per instruction: (section, description of the object)
+    records: tuple = ()
     steps_per_trial: int = 0
-    block_sections: list = field(default_factory=list)
-    lr2_slots: list = field(default_factory=list)  # fused GEMMs: fprm[:, 2] is lr
+    block_sections: tuple = ()
+
+    def __post_init__(self):
+        for a in (self.prog, self.fprm, self.blocks):
+            a.setflags(write=False)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """Everything the simulator needs, as arrays plus name tables."""
+    """Everything a simulator needs, as immutable arrays plus name tables. The mutable state
+    (the arena of every buffer, the scalar slots) belongs to each :class:`Simulator`; the plan
+    holds its initial values (``init_mem``, ``scalar_init``)."""
 
     circuit: Circuit
     protocol: Protocol
     batch: int
     seed: int
-    mem: np.ndarray
+    init_mem: np.ndarray
     bufs: np.ndarray
     buffer_index: dict
+    buffer_kind: dict         # name -> one of KINDS
     keys: np.ndarray
+    scalar_index: dict        # slot name -> index into scalar_init
+    scalar_init: np.ndarray   # float64
     train: Program
     infer: Program
     free: dict               # phase -> Program (one time step of that phase, for Simulator.run)
-    monitors: list
-    monitor_meta: list       # per monitor: dict(buffer, size, per, every, units, sample, phase)
-    rules: list
+    monitors: tuple
+    monitor_meta: tuple      # per monitor: dict(buffer, size, per, every, units, sample, phase)
+    rules: tuple
     optimizer: SGD | None
-    plastic: list            # projection names updated by the optimizer
+    plastic: tuple           # projection names updated by the optimizer
     stimuli: dict            # stimulus name -> buffer id
     output: str | None       # population whose argmax classifies
     error: str | None
     targets: str = "onehot"  # how stimulus t is made: one-hot of Y, or rows of T
+    schedules: tuple = ()    # (slot name, callable(epoch) -> value) set by Simulator per epoch
 
-    def view(self, name: str, nb: int | None = None) -> np.ndarray:
+    def __post_init__(self):
+        for a in (self.init_mem, self.bufs, self.keys, self.scalar_init):
+            a.setflags(write=False)
+
+    def view(self, name: str, nb: int | None = None, mem: np.ndarray | None = None) -> np.ndarray:
+        """Buffer ``name`` of the arena ``mem`` (default: the plan's read-only initial values)."""
         i = self.buffer_index[name]
-        off, rows, cols, batch = (int(v) for v in self.bufs[i])
-        if batch:
-            rows = self.batch if nb is None else nb
-        return self.mem[off:off + rows * cols].reshape(rows, cols)
+        return view_of(self.init_mem if mem is None else mem, self.bufs, i,
+                       self.batch if nb is None else nb)
+
+    def names_of_kind(self, *kinds) -> list:
+        return [n for n, k in self.buffer_kind.items() if k in kinds]
+
+
+def _as_expr(pb, e):
+    if isinstance(e, Expr):
+        return e
+    raise CompileError(f"expected an array expression (neurosim.expr), got {type(e).__name__}")
+
+
+def _handle_index(h, where) -> int:
+    """Buffer index of a handle (or of a buffer index)."""
+    if isinstance(h, Buf):
+        return h.index
+    if isinstance(h, (int, np.integer)) and not isinstance(h, bool):
+        return int(h)
+    raise CompileError(f"{where}: expected a buffer handle, got {type(h).__name__}")
+
+
+def view_of(mem, bufs, i, nb):
+    off, rows, cols, batch = (int(v) for v in bufs[i])
+    if batch:
+        rows = nb
+    return mem[off:off + rows * cols].reshape(rows, cols)
+
+
+@dataclass
+class Instr:
+    """One instruction before encoding: op spec, operands by column, tags for passes."""
+
+    spec: object
+    ints: list
+    floats: list
+    where: str
+    tags: dict = field(default_factory=dict)
+
+    def __getitem__(self, operand):
+        o = self.spec.operand(operand)
+        return self.floats[o.col] if o.is_float else self.ints[o.col - 1]
+
+    def __setitem__(self, operand, value):
+        o = self.spec.operand(operand)
+        if o.is_float:
+            self.floats[o.col] = float(value)
+        else:
+            self.ints[o.col - 1] = int(value)
+
+
+@dataclass
+class Every:
+    """A structured conditional block: its body runs only on trials ``trial % every == 0``
+    (encoded as a GUARD whose skip count is computed from the encoded body)."""
+
+    every: int
+    body: list
+    where: str
 
 
 class _ProgramBuilder:
@@ -85,30 +161,45 @@ class _ProgramBuilder:
         self.is_loop = {s: False for s in sections}
         self.phase_of = {s: -1 for s in sections}
         self.current = None
+        self.target = None     # the list instructions go to (a section or an Every body)
 
-    def emit(self, op, ints=(), floats=(), where=""):
+    def append(self, item):
         if self.current is None:
             raise CompileError("internal: operation emitted outside a section")
-        iv = [op] + list(ints) + [0] * (7 - len(ints))
-        fv = list(floats) + [0.0] * (6 - len(floats))
-        self.sections[self.current].append((iv, fv, where))
-        return len(self.sections[self.current]) - 1
+        (self.target if self.target is not None else self.sections[self.current]).append(item)
+        return item
+
+    def instructions(self):
+        """Every Instr, with its section, in program order (Every bodies included)."""
+        def walk(items, sec):
+            for it in items:
+                if isinstance(it, Every):
+                    yield from walk(it.body, sec)
+                else:
+                    yield sec, it
+        for s, items in self.sections.items():
+            yield from walk(items, s)
 
     def finish(self) -> Program:
-        prog, fprm, blocks, where, lr_slots, records = [], [], [], [], [], []
-        names, lr2_slots = [], []
+        prog, fprm, blocks, where, names = [], [], [], [], []
+
+        def encode(items, sec):
+            for it in items:
+                if isinstance(it, Every):
+                    g = len(prog)
+                    prog.append([OPS["GUARD"].code, it.every, 0, 0, 0, 0, 0, 0])
+                    fprm.append([0.0] * 6)
+                    where.append((sec, it.where))
+                    encode(it.body, sec)
+                    prog[g][2] = len(prog) - g - 1
+                    continue
+                prog.append([it.spec.code] + list(it.ints))
+                fprm.append(list(it.floats))
+                where.append((sec, it.where))
+
         for s, items in self.sections.items():
             start = len(prog)
-            for iv, fv, w in items:
-                if isinstance(w, tuple) and w and w[0] == "lr":
-                    lr_slots.append(len(prog))
-                    w = w[1]
-                elif isinstance(w, tuple) and w and w[0] == "lr2":
-                    lr2_slots.append(len(prog))
-                    w = w[1]
-                prog.append(iv)
-                fprm.append(fv)
-                where.append((s, w))
+            encode(items, s)
             if len(prog) > start or self.is_loop[s]:
                 blocks.append((start, len(prog), self.repeat[s], self.phase_of[s],
                                int(self.is_loop[s])))
@@ -116,17 +207,19 @@ class _ProgramBuilder:
         steps = sum(b[2] for b in blocks if b[4])
         return Program(np.asarray(prog, np.int64).reshape(-1, 8),
                        np.asarray(fprm, np.float64).reshape(-1, 6),
-                       np.asarray(blocks, np.int64).reshape(-1, 5), where, lr_slots, records,
-                       steps, names, lr2_slots)
+                       np.asarray(blocks, np.int64).reshape(-1, 5), tuple(where), (),
+                       steps, tuple(names))
 
 
 class PlanBuilder:
     """The compile-time context handed to rule build functions.
 
     Rules use: :meth:`rate`, :meth:`drive`, :meth:`weight`, :meth:`grad`, :meth:`scratch`,
-    :meth:`persistent`, the operations (:meth:`gemm`, :meth:`sub`, :meth:`mul`, :meth:`axpy`,
-    :meth:`copy`, :meth:`scale`, :meth:`deriv`, :meth:`zero`), and :meth:`at` to choose where
-    the operations run.
+    :meth:`persistent`, the operations (:meth:`op`, and the shorthands :meth:`gemm`,
+    :meth:`sub`, :meth:`mul`, :meth:`axpy`, :meth:`copy`, :meth:`scale`, :meth:`deriv`,
+    :meth:`zero`), :meth:`at` to choose where the operations run and :meth:`every` for a block
+    that runs every n-th trial. Rules written as array expressions use :mod:`neurosim.expr`
+    (``pb.update(projection, expression)``), which lowers onto the same operations.
     """
 
     def __init__(self, circuit: Circuit, protocol: Protocol, batch: int, seed: int):
@@ -136,16 +229,22 @@ class PlanBuilder:
         self.seed = seed
         self._bufs: list[tuple[str, int, int, bool]] = []
         self._index: dict[str, int] = {}
+        self._kind: dict[str, str] = {}
         self._init: dict[str, np.ndarray] = {}
         self._grad_written: set[str] = set()
         self.grads: list[str] = []
         self._keys: list[np.uint64] = []
         self._key_index: dict[str, int] = {}
+        self._scalars: dict[str, float] = {}
+        self._schedules: dict[str, object] = {}
         self._pb: _ProgramBuilder | None = None
+        self._tmp = 0
 
     # -- buffers --------------------------------------------------------------------------------
-    def buffer(self, name, rows, cols, batch=False, init=None) -> int:
+    def buffer(self, name, rows, cols, batch=False, init=None, kind="scratch") -> int:
         """Declare (or fetch) a named buffer; batch=True means ``rows`` = the minibatch size."""
+        if kind not in KINDS:
+            raise CompileError(f"buffer {name!r}: kind {kind!r} is not one of {KINDS}")
         if name in self._index:
             i = self._index[name]
             _, r, c, b = self._bufs[i]
@@ -153,19 +252,31 @@ class PlanBuilder:
                 raise CompileError(f"buffer {name!r} redeclared with another shape")
             return i
         self._index[name] = len(self._bufs)
+        self._kind[name] = kind
         self._bufs.append((name, self.batch if batch else rows, cols, batch))
         if init is not None:
-            self._init[name] = np.asarray(init, np.float32).reshape(rows, cols)
+            self._init[name] = np.asarray(init, np.float32).reshape(
+                self.batch if batch else rows, cols)
         return self._index[name]
+
+    def shape(self, buf: int) -> tuple:
+        """(rows, cols, batch-shaped) of buffer index ``buf``."""
+        _, r, c, b = self._bufs[buf]
+        return r, c, b
+
+    def name_of(self, buf: int) -> str:
+        return self._bufs[buf][0]
 
     def rate(self, pop: str, phase: str) -> int:
         """Buffer of population ``pop``'s rate in (and at the end of) ``phase``."""
         self._check_pop(pop)
-        return self.buffer(f"{pop}.r@{phase}", 0, self.circuit.populations[pop].size, True)
+        return self.buffer(f"{pop}.r@{phase}", 0, self.circuit.populations[pop].size, True,
+                           kind="state")
 
     def drive(self, pop: str, phase: str) -> int:
         self._check_pop(pop)
-        return self.buffer(f"{pop}.drive@{phase}", 0, self.circuit.populations[pop].size, True)
+        return self.buffer(f"{pop}.drive@{phase}", 0, self.circuit.populations[pop].size, True,
+                           kind="state")
 
     def weight(self, proj: str) -> int:
         return self._index[f"{proj}.W"]
@@ -175,7 +286,7 @@ class PlanBuilder:
         the trial, 1.0 for later ones (so no zeroing pass is needed)."""
         self.require_projection(proj, "grad")
         post, pre = self.circuit.shape_of(self.circuit.projections[proj])
-        i = self.buffer(f"{proj}.dW", post, pre)
+        i = self.buffer(f"{proj}.dW", post, pre, kind="optimizer")
         if proj not in self.grads:
             self.grads.append(proj)
         beta = 1.0 if proj in self._grad_written else 0.0
@@ -186,9 +297,19 @@ class PlanBuilder:
         """A scratch buffer; batch-shaped unless ``rows`` is given."""
         return self.buffer(f"scratch.{name}", rows or 0, cols, rows is None)
 
-    def persistent(self, name: str, rows: int, cols: int, init=None) -> int:
+    def temp(self, rows: int, cols: int, batch: bool) -> int:
+        """A fresh anonymous scratch buffer (for expression temporaries)."""
+        self._tmp += 1
+        return self.buffer(f"tmp.{self._tmp}", 0 if batch else rows, cols, batch)
+
+    def persistent(self, name: str, rows: int, cols: int, init=None, kind="rule") -> int:
         """A buffer that keeps its value across trials (e.g. a learned feedback matrix)."""
-        return self.buffer(name, rows, cols, False, init=init)
+        return self.buffer(name, rows, cols, False, init=init, kind=kind)
+
+    def constant(self, value, rows: int = 1, cols: int = 1) -> int:
+        """A constant buffer filled with ``value`` (shared by every user of the same value)."""
+        return self.buffer(f"const.{float(value)!r}:{rows}x{cols}", rows, cols,
+                           init=np.full((rows, cols), value, np.float32), kind="constant")
 
     def key(self, name: str) -> int:
         """Index of a counter-RNG key for component ``name`` (seeded from the root seed)."""
@@ -196,6 +317,16 @@ class PlanBuilder:
             self._key_index[name] = len(self._keys)
             self._keys.append(component_key(self.seed, name))
         return self._key_index[name]
+
+    def slot(self, name: str, value: float = 0.0, schedule=None) -> int:
+        """A scalar slot (float64, owned by the simulator): a value Python sets between chunks,
+        such as a learning rate or an epoch gate. ``schedule(epoch) -> value``, if given, is
+        evaluated by the simulator at the start of every epoch."""
+        if name not in self._scalars:
+            self._scalars[name] = float(value)
+            if schedule is not None:
+                self._schedules[name] = schedule
+        return list(self._scalars).index(name)
 
     # -- sections -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -205,49 +336,285 @@ class PlanBuilder:
         if section not in self._pb.sections:
             raise CompileError(f"unknown section {section!r}; expected one of "
                                f"{list(self._pb.sections)}")
-        prev = self._pb.current
-        self._pb.current = section
+        prev, prev_t = self._pb.current, self._pb.target
+        self._pb.current, self._pb.target = section, None
         try:
             yield
         finally:
-            self._pb.current = prev
+            self._pb.current, self._pb.target = prev, prev_t
+
+    @property
+    def section(self) -> str | None:
+        return self._pb.current
+
+    @contextlib.contextmanager
+    def every(self, n: int, where: str = ""):
+        """Operations emitted inside run only on trials whose index is a multiple of ``n``."""
+        blk = self._pb.append(Every(int(n), [], where))
+        prev = self._pb.target
+        self._pb.target = blk.body
+        try:
+            yield
+        finally:
+            self._pb.target = prev
 
     # -- operations -----------------------------------------------------------------------------
+    def op(self, name: str, where: str = "", **operands) -> Instr:
+        """Append operation ``name`` of the op table with its operands by name (defaults from
+        the table); buffer operands are buffer indices (``-1`` for an absent optional one)."""
+        spec = OPS.get(name)
+        if spec is None:
+            raise CompileError(f"unknown op {name!r}; the op table has {sorted(OPS)}")
+        try:
+            row, floats = encode(name, **operands)
+        except ValueError as e:
+            raise CompileError(f"{e} ({where or 'no context'})") from None
+        ints = row[1:]
+        shp, named = {}, {}
+        for o in spec.operands:
+            v = ints[o.col - 1] if not o.is_float else 0
+            if o.is_buffer and not (-1 if o.role == "opt" else 0) <= v < len(self._bufs):
+                raise CompileError(f"op {name}: operand {o.name!r} = {v} is not a buffer "
+                                   f"({where or 'no context'})")
+            if o.is_buffer and v >= 0:
+                shp[o.name] = self.shape(v)
+            elif not o.is_float:
+                named[o.name] = v
+        bad = check_shapes(name, shp, named)
+        if bad:
+            raise CompileError(f"op {name} ({where or 'no context'}): {bad}")
+        return self._pb.append(Instr(spec, ints, floats, where))
+
     def gemm(self, c, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, where=""):
         """``c = alpha op(a) @ op(b) + beta c`` (buffers are row-major (rows, cols))."""
-        self._pb.emit(K.GEMM, (c, a, b, int(trans_a), int(trans_b)), (alpha, beta), where)
+        return self.op("GEMM", where, c=c, a=a, b=b, trans_a=int(trans_a), trans_b=int(trans_b),
+                       alpha=alpha, beta=beta)
 
     def sub(self, dst, x, y, where=""):
-        self._pb.emit(K.SUB, (dst, x, y), (), where)
+        return self.op("SUB", where, dst=dst, x=x, y=y)
 
     def mul(self, dst, x, y, where=""):
-        self._pb.emit(K.MUL, (dst, x, y), (), where)
+        return self.op("MUL", where, dst=dst, x=x, y=y)
 
     def axpy(self, dst, src, scale=1.0, where=""):
-        self._pb.emit(K.AXPY, (dst, src), (scale,), where)
+        return self.op("AXPY", where, dst=dst, src=src, scale=scale)
 
     def copy(self, dst, src, where=""):
-        self._pb.emit(K.COPY, (dst, src), (), where)
+        return self.op("COPY", where, dst=dst, src=src)
 
     def scale(self, dst, s, where=""):
-        self._pb.emit(K.SCALE, (dst,), (s,), where)
+        return self.op("SCALE", where, dst=dst, s=s)
 
     def zero(self, dst, where=""):
-        self._pb.emit(K.ZERO, (dst,), (), where)
+        return self.op("ZERO", where, dst=dst)
 
     def deriv(self, dst, drive, pop, where=""):
         """``dst *= f'(drive)`` with the transfer function of population ``pop``."""
         code = self.circuit.populations[pop].code
-        if code == K.SOFTMAX:
+        if code == SOFTMAX:
             raise CompileError(f"the derivative of softmax ({pop!r}) is not element-wise")
-        if code >= K.RMS_NORM:
+        if code >= RMS_NORM:
             raise CompileError(f"the derivative of the RMS-normalised population {pop!r} is not "
                                "element-wise")
-        self._pb.emit(K.DERIV, (dst, drive, code), (), where)
+        return self.op("DERIV", where, dst=dst, drive=drive, code=code)
 
-    def emit(self, op, ints=(), floats=(), where=""):
-        """Low-level: append a raw instruction (see :mod:`neurosim.kernels.ops`)."""
-        return self._pb.emit(op, ints, floats, where)
+    # -- array expressions (neurosim.expr) --------------------------------------------------------
+    def r(self, pop: str, phase: str) -> Expr:
+        """Handle of population ``pop``'s rate held at the end of ``phase`` (batch, size)."""
+        return Buf(self, self.rate(pop, phase))
+
+    def a(self, pop: str, phase: str) -> Expr:
+        """Handle of population ``pop``'s drive (input) in ``phase``."""
+        return Buf(self, self.drive(pop, phase))
+
+    def W(self, proj: str) -> Expr:
+        """Handle of projection ``proj``'s weights (post, pre)."""
+        self.require_projection(proj, "PlanBuilder.W")
+        return Buf(self, self.weight(proj))
+
+    def fprime(self, pop: str, phase: str) -> Expr:
+        """Handle of ``f'(drive)`` of ``pop`` in ``phase``, times the trial's dropout mask if the
+        population has dropout (``h = mask * f(a)``). Use it as a factor: ``x * pb.fprime(...)``
+        becomes an in-place derivative op."""
+        self._check_pop(pop)
+        code = self.circuit.populations[pop].code
+        if code == SOFTMAX or code >= RMS_NORM:
+            raise CompileError(f"the derivative of population {pop!r} is not element-wise "
+                               "(softmax or RMS-normalised)")
+        return FPrime(self, pop, phase)
+
+    def stim(self, name: str) -> Expr:
+        """Handle of stimulus ``name`` (``"x"``: the data rows, ``"t"``: the targets)."""
+        if f"stim.{name}" not in self._index:
+            raise CompileError(f"no stimulus {name!r} in the protocol")
+        return Buf(self, self._index[f"stim.{name}"])
+
+    def state(self, name: str, rows: int, cols: int, init=None, kind: str = "rule") -> Expr:
+        """Handle of a persistent buffer (rule state kept across trials; reset by
+        ``Simulator.reset(rule=True)``)."""
+        return Buf(self, self.persistent(name, rows, cols, init=init, kind=kind))
+
+    def const(self, value: float, rows: int = 1, cols: int = 1) -> Expr:
+        return Buf(self, self.constant(value, rows, cols))
+
+    def scalar(self, name: str, value: float = 0.0, schedule=None) -> Expr:
+        """Handle of a scalar slot as a (1, 1) value, read where it is used (see :meth:`slot`)."""
+        s = self.slot(name, value, schedule)
+        buf = self.buffer(f"slot.{name}", 1, 1, kind="scratch")
+        self.op("LOAD_SCALAR", f"scalar slot {name!r}", dst=buf, slot=s)
+        return Buf(self, buf)
+
+    def record_angle(self, monitor: int, a, b, transpose: bool = False) -> None:
+        """Record, every ``every`` trials of monitor ``monitor``, the angle (degrees) between
+        buffers (or handles) ``a`` and ``b`` (``b.T`` with ``transpose``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        b = b.index if isinstance(b, Buf) else int(b)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=1, other=b,
+                transpose=int(transpose))
+
+    def record_norm(self, monitor: int, a) -> None:
+        """Record the Frobenius norm of buffer (or handle) ``a`` every ``every`` trials."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD_STAT", f"monitor {monitor}", src=a, monitor=monitor, kind=0)
+
+    def record(self, monitor: int, a, per: str = "trial") -> None:
+        """Record the rows of buffer (or handle) ``a`` (the monitor's unit range, sample or
+        batch mean) every ``every`` trials (``per="trial"``) or time steps (``"step"``)."""
+        a = a.index if isinstance(a, Buf) else int(a)
+        self.op("RECORD", f"monitor {monitor}", src=a, monitor=monitor,
+                per=0 if per == "step" else 1)
+
+    def let(self, expr, where: str = "") -> Expr:
+        """Compute ``expr`` here, once, into a temporary; returns its handle (for a value used
+        more than once, e.g. a backpropagated error that feeds both an update and the next
+        layer)."""
+        expr = _as_expr(self, expr)
+        if isinstance(expr, Buf):
+            return expr
+        dst = self.temp(expr.rows, expr.cols, expr.batch)
+        emit_into(dst, expr, where)
+        return Buf(self, dst)
+
+    def noise(self, stream: str, cols: int, dist: str = "gaussian", scale: float = 1.0,
+              where: str = "") -> Expr:
+        """Handle of this trial's fresh random draws, (batch, cols), from the counter-RNG stream
+        ``stream`` (a component name of the root seed; counter ``trial*batch*cols + row*cols +
+        unit``, the layout of dropout masks): ``dist="gaussian"``: ``scale N(0, 1)``
+        (Box-Muller); ``"rademacher"``: ``+-scale`` with probability 1/2 each (one Bernoulli
+        draw per entry)."""
+        if dist not in ("gaussian", "rademacher"):
+            raise CompileError(f"noise {stream!r}: dist {dist!r}, expected 'gaussian' or "
+                               "'rademacher'")
+        where = where or f"noise {stream!r}"
+        dst = self.buffer(f"noise.{stream}", 0, cols, True)
+        key = self.key(stream)
+        if dist == "gaussian":
+            self.op("GAUSS", where, dst=dst, key=key, scale=scale)
+        else:
+            self.op("MASK", where, dst=dst, key=key, keep=0.5)                # {0, 2}
+            self.op("AFFINE", where, dst=dst, s=scale, c=-scale)              # +-scale
+        return Buf(self, dst)
+
+    def accumulate(self, target, expr, where: str = "") -> None:
+        """Add ``expr`` to ``target`` in place (``target += expr``; a handle or a buffer index):
+        matrix products accumulate in their GEMM (beta 1), other terms by AXPY. ``expr`` must
+        not read ``target``."""
+        dst = target.index if isinstance(target, Buf) else int(target)
+        expr = _as_expr(self, expr)
+        r, c, b = self.shape(dst)
+        if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
+            raise CompileError(f"{where}: cannot add {expr.shape} to buffer "
+                               f"{self.name_of(dst)!r} of shape {(r, c)}")
+        emit_into(dst, expr, where or self.name_of(dst), accumulate=True)
+
+    def update(self, proj: str, expr, where: str | None = None) -> None:
+        """Add ``expr`` (post x pre) to projection ``proj``'s summed update ``dW`` (descent
+        direction: the optimizer applies ``W -= lr dW / B``). In a ``<phase>:loop`` section the
+        update accumulates over the phase's time steps (``dW`` is zeroed before the loop)."""
+        where = where or f"projection {proj!r}"
+        expr = _as_expr(self, expr)
+        post, pre = self.circuit.shape_of(self.require_projection(proj, where))
+        if (expr.rows, expr.cols, expr.batch) != (post, pre, False):
+            raise CompileError(f"{where}: update of shape {expr.shape}, expected the weights' "
+                               f"(post, pre) = {(post, pre)}")
+        first = proj not in self._grad_written
+        dw, _ = self.grad(proj)
+        sec = self._pb.current
+        if first and sec.endswith(":loop"):
+            with self.at(sec.replace(":loop", ":pre")):
+                self.zero(dw, where)
+            first = False
+        emit_into(dw, expr, where, accumulate=not first)
+
+    def assign(self, target, expr, where: str = "") -> None:
+        """Write ``expr`` into ``target`` (a handle of a buffer, or a buffer index)."""
+        dst = target.index if isinstance(target, Buf) else int(target)
+        expr = _as_expr(self, expr)
+        r, c, b = self.shape(dst)
+        if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
+            raise CompileError(f"{where}: cannot assign {expr.shape} to buffer "
+                               f"{self.name_of(dst)!r} of shape {(r, c)}")
+        emit_into(dst, expr, where or self.name_of(dst))
+
+    def mask(self, pop: str) -> Expr:
+        """Handle of population ``pop``'s dropout mask of the trial (batch, size): 0 or
+        1 / keep; training programs only."""
+        self._check_pop(pop)
+        p = self.circuit.populations[pop]
+        if not p.dropout > 0:
+            raise CompileError(f"population {pop!r} has no dropout, hence no mask")
+        return Buf(self, self.buffer(f"{pop}.mask", 0, p.size, True, kind="state"))
+
+    # -- data and label operations (no expression form: they read the trial's labels or draw
+    #    from the counter RNG) --------------------------------------------------------------------
+    def onehot(self, name: str, size: int, on: float = 1.0, off: float = 0.0) -> Expr:
+        """Handle of a (batch, ``size``) scratch buffer ``name`` set here to the one-hot code of
+        the trial's integer labels (``on`` at the label, ``off`` elsewhere)."""
+        buf = self.scratch(name, size)
+        self.op("ONEHOT", f"one-hot labels {name!r}", dst=buf, on=on, off=off)
+        return Buf(self, buf)
+
+    def embed_label(self, target, ncls: int, on: float, off: float = 0.0, labels=None,
+                    where: str = "") -> None:
+        """Overwrite the first ``ncls`` columns of ``target`` (a handle of a batch buffer, e.g. a
+        stimulus) with a one-hot code: ``on`` in the column of the trial's label, or, with
+        ``labels`` (a (batch, 1) handle of class indices, e.g. from :meth:`wrong_labels`), of
+        that label; ``off`` in the other ``ncls - 1`` columns."""
+        dst = _handle_index(target, "embed_label.target")
+        r, c, b = self.shape(dst)
+        if not b or c < ncls:
+            raise CompileError(f"embed_label: target {self.name_of(dst)!r} of shape {(r, c)} "
+                               f"cannot hold {ncls} label columns (expected a batch buffer)")
+        lab = -1 if labels is None else _handle_index(labels, "embed_label.labels")
+        if lab >= 0 and self.shape(lab)[1:] != (1, True):
+            raise CompileError(f"embed_label: labels {self.name_of(lab)!r} must be a (batch, 1) "
+                               "buffer of class indices")
+        self.op("EMBED_LABEL", where or f"label of {self.name_of(dst)!r}", dst=dst,
+                source=0 if lab < 0 else 1, labels=lab, ncls=ncls, on=on, off=off)
+
+    def wrong_labels(self, name: str, ncls: int, stream: str, probs=None) -> Expr:
+        """Handle of a (batch, 1) scratch buffer ``name`` set here to a class index other than
+        each row's label: uniform over the ``ncls - 1`` others or, with ``probs`` (a (batch,
+        ncls) handle, e.g. a softmax population's rates), in proportion to its entries of the
+        other classes (uniform if they carry no mass). The uniform numbers come from the
+        counter-RNG stream ``stream`` (row b of trial t: counter ``t * batch + b``)."""
+        buf = self.scratch(name, 1)
+        where = f"wrong labels {name!r}"
+        if probs is None:
+            self.op("WRONG_LABEL", where, dst=buf, key=self.key(stream), ncls=ncls)
+        else:
+            p = _handle_index(probs, "wrong_labels.probs")
+            if self.shape(p)[1:] != (ncls, True):
+                raise CompileError(f"wrong_labels: probs {self.name_of(p)!r} must be a (batch, "
+                                   f"{ncls}) buffer")
+            self.op("SAMPLE_WRONG", where, dst=buf, probs=p, key=self.key(stream))
+        return Buf(self, buf)
+
+    def count_correct(self, out) -> None:
+        """Add to the plan's training-accuracy counter (``stats.correct``: correct rows, rows)
+        the rows of ``out`` (a (batch, classes) handle) whose argmax is the trial's label."""
+        self.op("COUNT_CORRECT", "training accuracy", out=_handle_index(out, "count_correct.out"),
+                stats=self.buffer("stats.correct", 1, 2, kind="stats"))
 
     # -- checks used by rules -------------------------------------------------------------------
     def require_phase(self, name, where):
@@ -391,14 +758,17 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
         if w.shape != shape or w.dtype != np.float32:
             raise CompileError(f"Projection({proj.name!r}).init returned {w.shape} {w.dtype}, "
                                f"expected {shape} float32.")
-        pb.buffer(f"{proj.name}.W", *shape, init=w)
+        pb.buffer(f"{proj.name}.W", *shape, init=w, kind="weight")
     for pop in circuit.populations.values():
         if pop.bias is not None:
-            pb.buffer(f"{pop.name}.bias", 1, pop.size, init=pop.bias.reshape(1, -1))
+            pb.buffer(f"{pop.name}.bias", 1, pop.size, init=pop.bias.reshape(1, -1),
+                      kind="weight")
         if pop.dropout > 0:
-            pb.buffer(f"{pop.name}.mask", 0, pop.size, True)
-        if time_mode and pop.tau > 0 and pop.code == K.SOFTMAX:
+            pb.buffer(f"{pop.name}.mask", 0, pop.size, True, kind="state")
+        if time_mode and pop.tau > 0 and pop.code == SOFTMAX:
             pb.buffer(f"{pop.name}.tmp", 0, pop.size, True)
+    if optimizer is not None:
+        pb.slot("lr", optimizer.lr)
     stimuli = {}
     for ph in phases:
         for pop, stim in ph.clamp.items():
@@ -426,17 +796,17 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
             if training:
                 for pop in circuit.populations.values():
                     if pop.dropout > 0:
-                        pb.emit(K.MASK, (pb._index[f"{pop.name}.mask"],
-                                         pb.key(f"dropout:{pop.name}")),
-                                (1.0 - pop.dropout,), f"population {pop.name!r} (dropout)")
+                        pb.op("MASK", f"population {pop.name!r} (dropout)",
+                              dst=pb._index[f"{pop.name}.mask"], key=pb.key(f"dropout:{pop.name}"),
+                              keep=1.0 - pop.dropout)
             if kind in ("train", "infer"):
                 if "x" in stimuli:
-                    pb.emit(K.GATHER, (stimuli["x"], 0), (), "stimulus 'x'")
+                    pb.op("GATHER", "stimulus 'x'", dst=stimuli["x"], source=0)
                 if "t" in stimuli:
                     if targets == "onehot":
-                        pb.emit(K.ONEHOT, (stimuli["t"],), (1.0, 0.0), "stimulus 't'")
+                        pb.op("ONEHOT", "stimulus 't'", dst=stimuli["t"])
                     else:
-                        pb.emit(K.GATHER, (stimuli["t"], 1), (), "stimulus 't'")
+                        pb.op("GATHER", "stimulus 't'", dst=stimuli["t"], source=1)
         prev = None
         for ph in sel:
             _build_phase(pb, prb, ph, prev if kind != "free" else None, training, kind)
@@ -457,20 +827,16 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                             raise ValidationError(f"{getattr(rules[0], 'name', 'rule')}.projections",
                                                   f"projection {name!r} is fixed (plastic=False) "
                                                   "but a rule updates it.")
-                        post, pre = circuit.shape_of(proj)
-                        v = pb.buffer(f"{name}.V", post, pre)
-                        style = optimizer.style_code
-                        if fuse and _fuse_momentum(prb, pb, name, v, optimizer):
-                            style += 2
-                        pb.emit(K.SGD, (pb.weight(name), v, pb._index[f"{name}.dW"], style),
-                                (optimizer.lr * optimizer.scale_of(name), optimizer.momentum,
-                                 optimizer.weight_decay, optimizer.max_weight,
-                                 optimizer.scale_of(name)),
-                                ("lr", f"projection {name!r}"))
+                        emit_sgd(pb, name, pb._index[f"{name}.dW"], optimizer)
         if kind == "train":
             _emit_monitors(pb, prb, monitors, time_mode)
         elif kind == "free" and time_mode:
             _emit_monitors(pb, prb, monitors, time_mode, only_phase=only_phase)
+        if kind == "infer" and output is not None:
+            with pb.at("trial_end"):
+                pb.op("OUTPUT", "prediction", src=pb.rate(output, protocol.inference_phase))
+        if fuse and optimizer is not None:
+            fuse_momentum(prb, pb, optimizer)
         return prb.finish()
 
     train = build("train")
@@ -490,44 +856,70 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
         if name not in plastic:
             raise ValidationError("SGD.lr_scale", f"projection {name!r} is not updated by any rule "
                                   f"(updated: {plastic}).")
-    plan = Plan(circuit, protocol, batch, int(seed), mem, bufs, dict(pb._index),
-                np.array(pb._keys if pb._keys else [0], np.uint64), train, infer, free,
-                list(monitors), getattr(pb, "_monitor_meta", []), list(rules), optimizer,
-                plastic, stimuli, output, err.name if err else None, targets)
     for name, arr in pb._init.items():
-        plan.view(name)[...] = arr
-    return plan
+        view_of(mem, bufs, pb._index[name], batch)[...] = arr
+    scal = np.array(list(pb._scalars.values()) or [0.0], np.float64)
+    return Plan(circuit, protocol, batch, int(seed), mem, bufs, dict(pb._index), dict(pb._kind),
+                np.array(pb._keys if pb._keys else [0], np.uint64),
+                {n: i for i, n in enumerate(pb._scalars)}, scal, train, infer, free,
+                tuple(monitors), tuple(getattr(pb, "_monitor_meta", [])), tuple(rules), optimizer,
+                tuple(plastic), stimuli, output, err.name if err else None, targets,
+                tuple(pb._schedules.items()))
 
 
-def _fuse_momentum(prb, pb, name, v, optimizer) -> bool:
-    """Rewrite ``dW = sum_i post_i^T pre_i`` (GEMMs that are the only accesses to dW in the
-    trial: the first overwrites it, the others accumulate) into ``V = m V + alpha sum_i post_i^T
-    pre_i``, alpha = lr/nb (reference) or 1/nb (torch) at run time, so that no pass over dW
-    remains: PEPITA's single product, the two terms of a contrastive rule."""
-    if optimizer.weight_decay != 0.0:
-        return False
-    dw = pb._index[f"{name}.dW"]
-    hits = []
-    for sec, items in prb.sections.items():
-        for k, (iv, fv, w) in enumerate(items):
-            if dw in iv[1:6]:
-                hits.append((sec, k, iv, fv))
-    if not hits:
-        return False
-    for j, (sec, k, iv, fv) in enumerate(hits):
-        if sec != "trial_end" or iv[0] != K.GEMM or iv[1] != dw or dw in (iv[2], iv[3]) or \
-                iv[6] == 1 or fv[1] != (0.0 if j == 0 else 1.0):
-            return False
-    lr = optimizer.lr * optimizer.scale_of(name) if optimizer.style == "reference" else 1.0
-    for j, (sec, k, iv, fv) in enumerate(hits):
-        iv[1] = v
-        fv[1] = optimizer.momentum if j == 0 else 1.0
-        iv[6] = 1
-        fv[2] = lr
-        fv[3] = optimizer.scale_of(name)  # set_lr keeps the per-projection scale
-        w = prb.sections[sec][k][2]
-        prb.sections[sec][k] = (iv, fv, ("lr2", w) if optimizer.style == "reference" else w)
-    return True
+def emit_sgd(pb, name, dw, optimizer, *, weight_decay=None, velocity=None, where=None):
+    """Emit the optimizer step of projection ``name`` on its summed update buffer ``dw`` (the
+    learning rate from the scalar slot ``"lr"`` times ``SGD.lr_scale``); ``velocity``: the name
+    of the momentum buffer (default ``<name>.V``; rules that step several times per trial give
+    each step its own)."""
+    post, pre = pb.circuit.shape_of(pb.circuit.projections[name])
+    v = pb.buffer(velocity or f"{name}.V", post, pre, kind="optimizer")
+    wd = optimizer.weight_decay if weight_decay is None else weight_decay
+    return pb.op("SGD", where or f"projection {name!r}", W=pb.weight(name), V=v, dW=dw,
+                 style=optimizer.style_code, lr_slot=pb.slot("lr", optimizer.lr),
+                 lr_scale=optimizer.scale_of(name), momentum=optimizer.momentum, wd=wd,
+                 limit=optimizer.max_weight)
+
+
+def fuse_momentum(prb, pb, optimizer) -> int:
+    """Fusion pass over the op list (before encoding): for every SGD step whose update ``dW`` is
+    written only by GEMMs in the same section before it (the first overwriting, the others
+    accumulating) and read by nothing else, rewrite those GEMMs into ``V = m V + alpha sum_i
+    post_i^T pre_i`` with ``alpha = lr/nb`` (reference style) or ``1/nb`` (torch) at run time
+    and the SGD step into ``W -= V`` (``W -= lr V``), so that no pass over dW remains: PEPITA's
+    single product, the two terms of a contrastive rule. Exact up to float32 rounding (bitwise
+    for a single GEMM). Not applied with weight decay inside the step. Returns the number of
+    steps fused."""
+    gemm, sgd_code = OPS["GEMM"].code, OPS["SGD"].code
+    instrs = list(prb.instructions())
+    order = {id(it): k for k, (_, it) in enumerate(instrs)}
+    fused = 0
+    for sec, sgd in instrs:
+        if sgd.spec.code != sgd_code or sgd["style"] >= 2 or sgd["wd"] != 0.0:
+            continue
+        dw, v = sgd["dW"], sgd["V"]
+        hits = [(s, it) for s, it in instrs if it is not sgd and dw in _buffers_of(it)]
+        ok = bool(hits) and all(
+            s == sec and it.spec.code == gemm and it["c"] == dw and dw not in (it["a"], it["b"])
+            and it["fused"] == 0 and it["beta"] == (0.0 if j == 0 else 1.0)
+            and order[id(it)] < order[id(sgd)] for j, (s, it) in enumerate(hits))
+        if not ok:
+            continue
+        reference = optimizer.style == "reference"
+        for j, (_, it) in enumerate(hits):
+            it["c"] = v
+            it["beta"] = optimizer.momentum if j == 0 else 1.0
+            it["fused"] = 1
+            it["lr_slot"] = sgd["lr_slot"] if reference else -1   # torch: factor 1/nb only
+            it["lr_scale"] = sgd["lr_scale"]
+        sgd["dW"] = v      # dW is not read any more
+        sgd["style"] = sgd["style"] + 2
+        fused += 1
+    return fused
+
+
+def _buffers_of(it) -> list:
+    return [it.ints[o.col - 1] for o in it.spec.operands if o.is_buffer]
 
 
 def _stim(pb, stimuli, name, size, where):
@@ -597,7 +989,7 @@ def _emit_drive(pb, ph, pop, stim_of):
     if beta == 0.0:
         pb.zero(d, where)
     if pop.bias is not None:
-        pb.emit(K.BIAS, (d, pb._index[f"{pop.name}.bias"]), (), where)
+        pb.op("BIAS", where, dst=d, bias=pb._index[f"{pop.name}.bias"])
     return d
 
 
@@ -608,9 +1000,9 @@ def _emit_rate(pb, ph, pop, d, dynamic, training, alpha):
     mask = pb._index[f"{pop.name}.mask"] if (training and pop.dropout > 0) else -1
     if dynamic:
         tmp = pb._index.get(f"{pop.name}.tmp", -1)
-        pb.emit(K.EULER, (r, d, pop.code, mask, tmp), (alpha,), where)
+        pb.op("EULER", where, r=r, drive=d, code=pop.code, mask=mask, tmp=tmp, alpha=alpha)
     else:
-        pb.emit(K.TRANSFER, (r, d, pop.code, mask), (), where)
+        pb.op("TRANSFER", where, r=r, drive=d, code=pop.code, mask=mask)
 
 
 def _eval_inst(pb, ph, pop, training, stim_of):
@@ -699,8 +1091,8 @@ def _build_phase(pb, prb, ph, prev, training, kind):
     if training and kind == "train" and ph.name == protocol.inference_phase and \
             pb._output is not None and "t" in pb._stimuli:
         with pb.at(f"{ph.name}:post"):
-            pb.emit(K.COUNT_CORRECT, (pb.rate(pb._output, ph.name), pb.buffer("stats.correct", 1, 2)),
-                    (), "training accuracy")
+            pb.op("COUNT_CORRECT", "training accuracy", out=pb.rate(pb._output, ph.name),
+                  stats=pb.buffer("stats.correct", 1, 2, kind="stats"))
 
 
 def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
@@ -721,23 +1113,23 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
                 obj, var = mon.target.rsplit(".", 1)
                 buf = pb.rate(obj, only_phase) if var == "r" else pb.drive(obj, only_phase)
                 with pb.at(f"{only_phase}:loop"):
-                    pb.emit(K.RECORD, (buf, mi, 0), (), where)
+                    pb.op("RECORD", where, src=buf, monitor=mi, per=0)
             continue
         if mon.target.startswith("angle:"):
             fname = mon.target.split(":", 1)[1]
             proj = pb.require_projection(fname, f"{where}.target")
             chain = _forward_chain(circuit, proj)
             with pb.at("trial_end"):
-                guard = pb.emit(K.GUARD, (mon.every, 0), (), where)
                 prod = pb.weight(chain[0])
-                for k, name in enumerate(chain[1:]):
-                    post, _ = circuit.shape_of(circuit.projections[name])
-                    nxt = pb.persistent(f"monitor{mi}.chain{k}", post,
-                                        circuit.shape_of(circuit.projections[chain[0]])[1])
-                    pb.gemm(nxt, pb.weight(name), prod, where=where)
-                    prod = nxt
-                prb.sections["trial_end"][guard][0][2] = len(chain) - 1
-                pb.emit(K.RECORD_STAT, (pb.weight(fname), mi, 1, prod, 1), (), where)
+                with pb.every(mon.every, where):
+                    for k, name in enumerate(chain[1:]):
+                        post, _ = circuit.shape_of(circuit.projections[name])
+                        nxt = pb.persistent(f"monitor{mi}.chain{k}", post,
+                                            circuit.shape_of(circuit.projections[chain[0]])[1])
+                        pb.gemm(nxt, pb.weight(name), prod, where=where)
+                        prod = nxt
+                pb.op("RECORD_STAT", where, src=pb.weight(fname), monitor=mi, kind=1, other=prod,
+                      transpose=1)
             meta.append(dict(key=mon.key, kind="stat", size=1, per="trial", every=mon.every))
             continue
         obj, var = mon.target.rsplit(".", 1)
@@ -750,9 +1142,10 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
                                       "any rule, so it has no update to measure.")
             buf = pb.weight(obj) if var == "norm" else pb._index[f"{obj}.V"]
             with pb.at("trial_end"):
-                pb.emit(K.RECORD_STAT, (buf, mi, 0, 0, 0), (), where)
+                pb.op("RECORD_STAT", where, src=buf, monitor=mi, kind=0)
             meta.append(dict(key=mon.key, kind="stat", size=1, per="trial", every=mon.every,
-                             update_scale=(var == "update_norm")))
+                             update_scale=(var == "update_norm"),
+                             lr_scale=pb.optimizer.scale_of(obj) if pb.optimizer else 1.0))
             continue
         if obj not in circuit.populations:
             raise ValidationError(f"{where}.target", f"no population or projection {obj!r} "
@@ -778,7 +1171,7 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
         buf = pb.rate(obj, phase) if var == "r" else pb.drive(obj, phase)
         section = f"{phase}:loop" if per == "step" else f"{phase}:post"
         with pb.at(section):
-            pb.emit(K.RECORD, (buf, mi, 0 if per == "step" else 1), (), where)
+            pb.op("RECORD", where, src=buf, monitor=mi, per=0 if per == "step" else 1)
         meta.append(dict(key=mon.key, kind="var", size=u1 - u0, per=per, every=mon.every,
                          u0=u0, sample=-1 if mon.sample == "mean" else mon.sample, phase=phase))
     if only_phase is None:

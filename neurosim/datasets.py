@@ -94,7 +94,8 @@ IDX_FILES = (
 )
 
 # SHA-256 of the canonical .gz files and of their decompressed IDX content. The .gz sums of
-# MNIST match /work/shared/data/mnist/SHA256SUMS, whose files also match the official MD5s.
+# MNIST match the SHA256SUMS distributed with the genuine files, which also match the official
+# MD5s.
 _MNIST_SHA256 = {
     "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
     "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",

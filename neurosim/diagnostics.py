@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ValidationError
-from .kernels import ops as K
 from .monitors import AbstractMonitor
 from .params import check_int
 
@@ -36,22 +35,6 @@ def _chain(pb, error, where):
     from .plasticity.pepita_variants import _layered_chain
 
     return _layered_chain(pb, error, where)
-
-
-def _guarded(pb, every, where, emit_body):
-    """Emit ``GUARD(every)`` + the body; the GUARD skips the body except every ``every`` trials."""
-    sec = pb._pb.sections[pb._pb.current]
-    g = pb.emit(K.GUARD, (every, 0), (), where)
-    n0 = len(sec)
-    out = emit_body()
-    sec[g][0][2] = len(sec) - n0
-    return out
-
-
-def _fprime(pb, dst, pop, phase):
-    pb.deriv(dst, pb.drive(pop, phase), pop)
-    if pb.circuit.populations[pop].dropout > 0:
-        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True))
 
 
 def _update_buffer(pb, projection, where, update=None):
@@ -113,26 +96,18 @@ class GradientAlignment(AbstractMonitor):
         li = projs.index(self.projection)
         L = len(projs)
         ph = self.phase
-        G = pb.persistent(f"monitor{index}.bpgrad", *c.shape_of(c.projections[self.projection]))
-
-        def body():
-            e = pb.scratch(f"monitor{index}.e", err.size)
-            pb.sub(e, pb.rate(err.output, ph), pb._index[f"stim.{err.target}"], where)
-            delta = e
-            # a_{l+1} = g_{l+1} W_{l+1} h_l (g: the projection's gain):
-            # delta_l = g_{l+1} (delta_{l+1} W_{l+1}) f'(a_l); dL/dW_l = g_l delta_l^T h_{l-1}
-            for l in range(L - 2, li - 1, -1):
-                d = pb.scratch(f"monitor{index}.delta{l}", c.populations[pops[l + 1]].size)
-                pb.gemm(d, delta, pb.weight(projs[l + 1]), alpha=c.projections[projs[l + 1]].gain,
-                        where=where)
-                _fprime(pb, d, pops[l + 1], ph)
-                delta = d
-            pb.gemm(G, delta, pb.rate(pops[li], ph), trans_a=True,
-                    alpha=c.projections[self.projection].gain, where=where)
-
+        G = pb.state(f"monitor{index}.bpgrad", *c.shape_of(c.projections[self.projection]))
+        gain = [c.projections[p].gain for p in projs]
         with pb.at("trial_end"):
-            _guarded(pb, self.every, where, body)
-            pb.emit(K.RECORD_STAT, (dW, index, 1, G, 0), (), where)
+            with pb.every(self.every, where):
+                # a_{l+1} = g_{l+1} W_{l+1} h_l (g: the projection's gain):
+                # delta_l = g_{l+1} (delta_{l+1} W_{l+1}) f'(a_l); dL/dW_l = g_l delta_l^T h_{l-1}
+                delta = pb.let(pb.r(err.output, ph) - pb.stim(err.target), where)
+                for l in range(L - 2, li - 1, -1):
+                    delta = pb.let(gain[l + 1] * (delta @ pb.W(projs[l + 1]))
+                                   * pb.fprime(pops[l + 1], ph), where)
+                pb.assign(G, gain[li] * (delta.T @ pb.r(pops[li], ph)), where)
+            pb.record_angle(index, dW, G)
         return dict(key=self.key, kind="stat", size=1, per="trial", every=self.every)
 
 
@@ -169,24 +144,17 @@ class PepitaAfaAngle(AbstractMonitor):
         err = pb.require_error(self.error, where)
         li = projs.index(self.projection)
         ph = self.clean
-        A = pb.persistent(f"monitor{index}.afa", *c.shape_of(c.projections[self.projection]))
-
-        def body():
-            e = pb.scratch(f"monitor{index}.e", err.size)
-            pb.sub(e, pb.rate(err.output, ph), pb._index[f"stim.{err.target}"], where)
-            u = pb.scratch(f"monitor{index}.u0", c.populations[pops[0]].size)
-            pb.gemm(u, e, pb.weight(fb.name), trans_b=True, alpha=fb.gain, where=where)
-            for l in range(li + 1):
-                nxt = pb.scratch(f"monitor{index}.u{l + 1}", c.populations[pops[l + 1]].size)
-                pb.gemm(nxt, u, pb.weight(projs[l]), trans_b=True,
-                        alpha=c.projections[projs[l]].gain, where=where)
-                _fprime(pb, nxt, pops[l + 1], ph)
-                u = nxt
-            pb.gemm(A, u, pb.rate(pops[li], ph), trans_a=True, alpha=-1.0, where=where)
-
+        A = pb.state(f"monitor{index}.afa", *c.shape_of(c.projections[self.projection]))
         with pb.at("trial_end"):
-            _guarded(pb, self.every, where, body)
-            pb.emit(K.RECORD_STAT, (dW, index, 1, A, 0), (), where)
+            with pb.every(self.every, where):
+                # u_0 = s e F^T, u_l = (g_l u_{l-1} W_l^T) f'(a_l), dW_AFA = -u_l^T h_{l-1}
+                e = pb.r(err.output, ph) - pb.stim(err.target)
+                u = pb.let(fb.gain * (pb.let(e, where) @ pb.W(fb.name).T), where)
+                for l in range(li + 1):
+                    u = pb.let(c.projections[projs[l]].gain * (u @ pb.W(projs[l]).T)
+                               * pb.fprime(pops[l + 1], ph), where)
+                pb.assign(A, -1.0 * (u.T @ pb.r(pops[li], ph)), where)
+            pb.record_angle(index, dW, A)
         return dict(key=self.key, kind="stat", size=1, per="trial", every=self.every)
 
 

@@ -103,3 +103,9 @@ class SimulationError(NeurosimError, RuntimeError):
 
 class NeurosimWarning(UserWarning):
     """Category of every warning neurosim emits; filter it with ``warnings.filterwarnings``."""
+
+
+class BareTimeWarning(NeurosimWarning):
+    """A time constant or duration given as a bare number of 1 s or more (``tau=10`` is ten
+    seconds, not ten milliseconds). Give a unit (``"10 ms"``, ``10*ms``, ``"10 s"``) to silence
+    it."""

@@ -6,7 +6,7 @@ Shapes are (post, pre) = (fan_out, fan_in), as stored by projections.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,11 +39,12 @@ class HeUniform(AbstractInit):
 class FanInUniform(AbstractInit):
     """U(-s*sqrt(6/fan), +s*sqrt(6/fan)) with fan = ``fan`` if given, else the post size.
 
-    PEPITA's F (input x output) uses s = 0.05 and fan = d_in: ``FanInUniform(0.05, fan=784)``.
+    PEPITA's F (input x output) uses s = 0.05 and fan = d_in: ``FanInUniform(0.05, fan=784)``
+    (``fan`` is keyword-only).
     """
 
     scale: float = 0.05
-    fan: int | None = None
+    fan: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self):
         check_float("FanInUniform.scale", self.scale, low=0.0)
@@ -67,12 +68,26 @@ class Uniform(AbstractInit):
         return rng.uniform(-self.limit, self.limit, size=shape).astype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Normal(AbstractInit):
-    """N(mean, std^2)."""
+    """N(mean, std^2), as numpy's ``normal(loc=mean, scale=std)``: ``Normal(mean=0.0, std=0.3)``.
 
-    std: float = 0.1
+    Both parameters are keyword-only: ``Normal(0.0, 0.3)`` is refused, because it reads as
+    (mean, std) in numpy's order but meant (std, mean) in neurosim 0.1.
+    """
+
     mean: float = 0.0
+    std: float = 0.1
+
+    def __init__(self, *args, mean: float = 0.0, std: float = 0.1):
+        if args:
+            raise ValidationError("Normal", f"got the positional arguments {args!r}; mean and std "
+                                  "are keyword-only.",
+                                  f"write Normal(mean=..., std=...), e.g. Normal(std={args[0]!r}) "
+                                  "if you meant the old Normal(std, mean) order.")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        self.__post_init__()
 
     def __post_init__(self):
         check_float("Normal.std", self.std, low=0.0)

@@ -56,6 +56,12 @@ class Monitor:
             raise ValidationError(f"{where}.target", f"got {self.target!r}, expected "
                                   "'population.r', 'population.drive', 'projection.norm', "
                                   "'projection.update_norm' or 'angle:F'.")
+        if isinstance(self.every, str):
+            raise ValidationError(f"{where}.every", f"got {self.every!r}, expected a whole number "
+                                  "of trials or time steps.",
+                                  "intervals in epochs are resolved by scenarios; in Python give "
+                                  "trials, e.g. every = max(1, round(0.1 * ceil(n_train / batch))) "
+                                  "for ten records per epoch.")
         check_int(f"{where}.every", self.every, low=1)
         if self.per not in (None, "step", "trial"):
             raise ValidationError(f"{where}.per", f"got {self.per!r}, expected 'step' or 'trial'.")
@@ -83,12 +89,12 @@ class Monitor:
 
 
 class AbstractMonitor:
-    """Base of custom monitors: ``build(pb, index) -> meta`` emits instructions through the
-    :class:`~neurosim.compiler.PlanBuilder` into ``trial_end`` (after the rules' updates,
-    before the optimizer step) and returns the layout dict ``{"key", "kind": "stat" | "var",
-    "size", "per": "trial", "every"}``. Record with ``pb.emit(RECORD_STAT, (buf, index, kind,
-    other, transpose))`` (kind 0: Frobenius norm of buf; 1: angle in degrees between buf and
-    other).
+    """Base of custom monitors: ``build(pb, index) -> meta`` computes what it records with array
+    expressions through the :class:`~neurosim.compiler.PlanBuilder` (``pb.let``, ``pb.assign``,
+    usually inside ``with pb.at("trial_end"), pb.every(n):``, i.e. after the rules' updates,
+    before the optimizer step), records with ``pb.record(index, handle)`` (rows),
+    ``pb.record_norm(index, handle)`` or ``pb.record_angle(index, a, b)`` (degrees), and returns
+    the layout dict ``{"key", "kind": "stat" | "var", "size", "per": "trial", "every"}``.
     """
 
     def build(self, pb, index: int) -> dict:  # pragma: no cover - abstract
@@ -107,6 +113,15 @@ class Trace:
     t_unit : str
     trial, step : ndarray (n,) int64
         Trial index and global time-step index of each record.
+
+    Per-trial views (time-mode recordings hold many records per trial)::
+
+        tr = sim.traces["E.r"]          # short key of "E.r@stim"
+        tr.trials                       # the trials that have records, ascending
+        tr.in_trial(3)                  # a Trace of trial 3's records only
+        tr.in_trial(-1)                 # ... of the last recorded trial
+        t, v = tr.by_trial()            # t: (k,) time since each trial's first record,
+                                        # v: (trials, k, units), when every trial has k records
     """
 
     def __init__(self, name, values, t, t_unit, trial, step):
@@ -126,6 +141,91 @@ class Trace:
     def to_dict(self) -> dict:
         return {"values": np.asarray(self.values), "t": np.asarray(self.t),
                 "trial": np.asarray(self.trial), "step": np.asarray(self.step)}
+
+    @property
+    def trials(self) -> np.ndarray:
+        """The trial indices that have at least one record, ascending."""
+        return np.unique(self.trial)
+
+    def in_trial(self, k: int) -> "Trace":
+        """The records of trial ``k`` as a Trace (same time axis). ``k`` is a trial index as in
+        :attr:`trial`; a negative ``k`` counts from the last recorded trial (-1: the last)."""
+        trials = self.trials
+        where = f"Trace({self.name!r}).in_trial"
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValidationError(where, f"got {type(k).__name__} {k!r}, expected a trial index.")
+        if k < 0:
+            if -k > len(trials):
+                raise ValidationError(where, f"got {k}, but only {len(trials)} trials have "
+                                      "records.")
+            k = int(trials[k])
+        if k not in set(trials.tolist()):
+            shown = (f"{trials[:3].tolist()} ... {trials[-3:].tolist()}" if len(trials) > 6
+                     else f"{trials.tolist()}")
+            raise ValidationError(where, f"trial {k} has no records; recorded trials: {shown}.",
+                                  "monitors with every > 1 record only every k-th trial.")
+        sel = self.trial == k
+        return Trace(self.name, self.values[sel], self.t[sel], self.t_unit, self.trial[sel],
+                     self.step[sel])
+
+    def by_trial(self):
+        """``(t, values)`` with one row per recorded trial: ``values`` has shape (trials,
+        records per trial, ...) and ``t`` (records per trial,) is the time since each trial's
+        first record, in :attr:`t_unit`. Refused (ValidationError) when the trials hold
+        different numbers of records (e.g. ``every`` does not divide the steps of a trial);
+        :meth:`in_trial` works in every case."""
+        trials, first, counts = np.unique(self.trial, return_index=True, return_counts=True)
+        if len(trials) == 0:
+            return np.zeros(0), self.values[:0][None]
+        if np.any(counts != counts[0]):
+            raise ValidationError(f"Trace({self.name!r}).by_trial", f"the trials hold between "
+                                  f"{counts.min()} and {counts.max()} records, expected the same "
+                                  "number in every trial.",
+                                  "use in_trial(k) per trial, or make every divide the number of "
+                                  "time steps per trial.")
+        order = np.argsort(self.trial, kind="stable")
+        values = self.values[order].reshape((len(trials), int(counts[0])) + self.values.shape[1:])
+        t = self.t[order][: counts[0]] - self.t[order][0]
+        return _ro(np.ascontiguousarray(t)), _ro(np.ascontiguousarray(values))
+
+
+class Traces(dict):
+    """The traces of a simulator, by key (``"hidden.r@clean"``, ``"angle:F"``).
+
+    A key may be shortened when the short form names one trace only: ``traces["E.r"]`` is
+    ``traces["E.r@stim"]`` if no other phase of ``E.r`` was recorded. An ambiguous or unknown key
+    raises a KeyError that lists the candidates. Iteration, ``len`` and ``keys()`` use the full
+    keys; ``in`` and :meth:`get` accept short keys like ``[]``.
+    """
+
+    def resolve(self, key) -> str:
+        """The full key that ``key`` names (itself, or the unique trace whose key is ``key``
+        followed by ``@phase``)."""
+        if dict.__contains__(self, key):
+            return key
+        if not isinstance(key, str):
+            raise KeyError(f"no trace {key!r}; traces: {sorted(self)}")
+        hits = [k for k in self if k.split("@", 1)[0] == key]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise KeyError(f"{key!r} is ambiguous: it names the traces {sorted(hits)}; give the "
+                           "full key")
+        close = [k for k in self if key in k]
+        raise KeyError(f"no trace {key!r}; traces: {sorted(close or self)}")
+
+    def __getitem__(self, key) -> Trace:
+        return dict.__getitem__(self, self.resolve(key))
+
+    def __contains__(self, key) -> bool:
+        try:
+            self.resolve(key)
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 def _ro(a):

@@ -56,7 +56,8 @@ class Phase:
                                   "{population: stimulus name}.")
         if self.duration is not None:
             object.__setattr__(self, "duration",
-                               to_seconds(self.duration, f"{where}.duration", allow_zero=False))
+                               to_seconds(self.duration, f"{where}.duration", allow_zero=False,
+                                          warn_bare=True))
         if self.gates is not None:
             if not isinstance(self.gates, (tuple, list)) or \
                     not all(isinstance(g, str) for g in self.gates):
@@ -101,7 +102,8 @@ class Protocol:
         object.__setattr__(self, "phases", phases)
         check_choice("Protocol.mode", self.mode, MODES)
         check_choice("Protocol.method", self.method, METHODS)
-        object.__setattr__(self, "dt", to_seconds(self.dt, "Protocol.dt", allow_zero=False))
+        object.__setattr__(self, "dt", to_seconds(self.dt, "Protocol.dt", allow_zero=False,
+                                                  warn_bare=True))
         if self.mode == "time":
             for p in phases:
                 if p.duration is None:

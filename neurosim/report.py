@@ -2,14 +2,21 @@
 
 For a run directory (``neurosim run``) it writes, beside the results:
 
-- ``report-learning-curves.png``: test and training accuracy per epoch (and the learning rate
-  when it changes);
-- ``report-alignment-angles.png``: every ``angle:*`` monitor (degrees) against epochs;
+- ``report-learning-curves.png``: test accuracy, the running training accuracy (counted while
+  the epoch trains, with dropout) and, when measured, the training accuracy evaluated after the
+  epoch, per epoch (and the learning rate when it changes);
+- ``report-alignment-angles.png``: every ``angle:*`` and ``grad_angle:*`` monitor (degrees)
+  against epochs;
 - ``report-goodness.png``: the goodness of every recorded population rate (sum of squared
-  rates, as in Forward-Forward; averaged over units shown) and any monitor named ``*goodness*``;
+  rates, as in Forward-Forward) and any monitor named ``*goodness*``, one panel per population
+  with one curve per phase;
 - ``report-traces.png``: every monitored trace (scalars as lines, population rates as a few
-  unit lines);
-- ``report.md``: summary, epoch table, monitors, and the plots.
+  unit lines and their mean);
+- ``report.md``: summary, epoch table, monitors, the convergence fit (or why there is none),
+  and the plots.
+
+Every plot is readable for runs of any length: series with few points get markers, a single
+epoch gets an axis around it, axes carry units and every curve is named in a legend.
 
 For a sweep folder (``neurosim sweep``) the same kinds of plots aggregate the runs per grid
 point (mean and +- one standard deviation over seeds), plus ``report-final-metrics.png``, and
@@ -20,7 +27,6 @@ angle monitor) is skipped and the markdown says so.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ValidationError
-from .rundir import atomic_write_bytes, remove_dead_tmp, safe_name
+from .rundir import atomic_write_bytes, atomic_write_file, remove_dead_tmp, safe_name
 
 HELP = "plot a run or a sweep (learning curves, angles, goodness, traces) and summarise it"
 
@@ -156,13 +162,63 @@ def run_series(run_dir: Path) -> dict:
             x, xlabel = trial, "trial"
         entry = (x, values, xlabel)
         series["traces"][key] = entry
-        if key.startswith("angle:"):
+        if key.startswith(("angle:", "grad_angle:", "pepita_afa_angle:")):
             series["angles"][key] = entry
         if "goodness" in key.lower():
             series["goodness"][key] = (x, values if values.ndim == 1 else values.sum(1), xlabel)
         elif values.ndim == 2 and key.split("@")[0].endswith(".r"):
             series["goodness"][f"goodness of {key}"] = (x, (values ** 2).sum(1), xlabel)
     return series
+
+
+def describe(key: str) -> tuple[str, str]:
+    """(what a trace is, its y-axis label with unit) from its key."""
+    base, _, phase = key.partition("@")
+    during = f" in phase {phase}" if phase else ""
+    if key.startswith("goodness of "):
+        pop = key[len("goodness of "):].partition("@")[0].rsplit(".", 1)[0]
+        return f"goodness of {pop}{during}", "goodness (sum of r² over recorded units)"
+    if "goodness" in base.lower():
+        return f"goodness of {base.rsplit('.', 1)[0]}{during}", "goodness (sum of r²)"
+    if base.startswith("angle:"):
+        return (f"∠({base[6:]}, transposed forward chain)", "angle (degrees)")
+    if base.startswith("grad_angle:"):
+        return f"∠(rule's update of {base[11:]}, BP gradient)", "angle (degrees)"
+    if base.startswith("pepita_afa_angle:"):
+        return f"∠(PEPITA's update of {base[17:]}, AFA's)", "angle (degrees)"
+    if base.endswith(".update_norm"):
+        return f"‖Δ{base[:-12]}‖ (Frobenius norm of the update)", "norm (weight units)"
+    if base.endswith(".norm"):
+        return f"‖{base[:-5]}‖ (Frobenius norm)", "norm (weight units)"
+    if base.endswith(".r"):
+        return f"rate of {base[:-2]}{during}", "rate r (model units)"
+    if base.endswith(".drive"):
+        return f"drive of {base[:-6]}{during}", "drive (model units)"
+    return key, "value"
+
+
+def _goodness_panel(key: str) -> tuple[str, str]:
+    """(panel = population, curve = phase) of a goodness series key."""
+    base, _, phase = key.removeprefix("goodness of ").partition("@")
+    return base.rsplit(".", 1)[0], phase or base
+
+
+def _style(n: int) -> dict:
+    """Markers where points are few (every point visible, even a single one)."""
+    if n <= 40:
+        return dict(marker="o", ms=4)
+    if n <= 200:
+        return dict(marker="o", ms=2)
+    return {}
+
+
+def _single_x(ax, x) -> None:
+    """An axis around a series with one distinct x (one epoch, one record)."""
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if len(x) and np.ptp(x) == 0:
+        half = 0.5 if abs(x[0]) >= 0.5 else max(abs(x[0]), 0.05)
+        ax.set_xlim(x[0] - half, x[0] + half)
 
 
 # -- plotting -------------------------------------------------------------------------------------
@@ -177,14 +233,13 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     plt = _plt()
-    buf = io.BytesIO()
     try:
         fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
+        # no lock is held while reporting: a temporary name of this call's own
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110),
+                          unique=True)
     finally:
         plt.close(fig)
-    # no lock is held while reporting: a temporary name of this call's own
-    atomic_write_bytes(path, buf.getvalue(), unique=True)
     return path
 
 
@@ -193,25 +248,50 @@ def _grid(n):
     return (n + cols - 1) // cols, cols
 
 
+_LEARNING_LINES = (("test", "-", "o", "test"),
+                   ("running", "--", "s", "train, running (during the epoch, with dropout)"),
+                   ("eval", "-.", "^", "train, evaluated after the epoch"))
+
+
 def plot_learning(path: Path, curves: list, title: str) -> Path:
-    """curves: (label, epochs, test, test_std, train, train_std, lr)."""
+    """curves: (label, epochs, test, test_std, train, train_std, lr[, train_eval,
+    train_eval_std]); ``train`` is the running training accuracy (with dropout), ``train_eval``
+    the optional evaluation on the training set. Every series with data gets its own legend
+    entry; markers show every point of short runs."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    lrs = []
-    for k, (label, ep, test, test_sd, train, train_sd, lr) in enumerate(curves):
-        color = f"C{k % 10}"
-        ok = np.isfinite(test)
-        if ok.any():
-            ax.plot(ep[ok], 100 * test[ok], "o-", ms=3, color=color, label=f"{label} test".strip())
-            if test_sd is not None:
-                ax.fill_between(ep[ok], 100 * (test - test_sd)[ok], 100 * (test + test_sd)[ok],
-                                color=color, alpha=0.2)
-        ok = np.isfinite(train)
-        if ok.any():
-            ax.plot(ep[ok], 100 * train[ok], "--", color=color, alpha=0.7,
-                    label=f"{label} train".strip())
+    lrs, all_ep = [], []
+    for k, curve in enumerate(curves):
+        label, ep, test, test_sd, train, train_sd, lr = curve[:7]
+        ev, ev_sd = (curve[7], curve[8]) if len(curve) > 7 else (None, None)
+        for j, ((kind, ls, marker, what), y, sd) in enumerate(zip(
+                _LEARNING_LINES, (test, train, ev), (test_sd, train_sd, ev_sd))):
+            # one run: a colour per kind of accuracy; several: a colour per run
+            color = f"C{j}" if len(curves) == 1 else f"C{k % 10}"
+            if y is None:
+                continue
+            ok = np.isfinite(y)
+            if not ok.any():
+                continue
+            n = int(ok.sum())
+            ax.plot(ep[ok], 100 * y[ok], ls=ls, marker=marker, ms=5 if n <= 40 else 2,
+                    color=color, alpha=1.0 if kind == "test" else 0.75,
+                    label=f"{label}: {what}" if label else what)
+            if sd is not None and n == 1:      # a band around one point is invisible
+                ax.errorbar(ep[ok], 100 * y[ok], yerr=100 * sd[ok], color=color, capsize=4,
+                            ls="none")
+            elif sd is not None:
+                ax.fill_between(ep[ok], 100 * (y - sd)[ok], 100 * (y + sd)[ok], color=color,
+                                alpha=0.15)
+            if n == 1 and len(curves) == 1:
+                ax.annotate(f"{100 * y[ok][0]:.1f} %", (ep[ok][0], 100 * y[ok][0]),
+                            textcoords="offset points", xytext=(8, -3), fontsize=8)
+            all_ep.extend(ep[ok])
         if lr is not None and np.isfinite(lr).all() and len(np.unique(lr)) > 1:
-            lrs.append((ep, lr, color))
+            lrs.append((ep, lr, "C7" if len(curves) == 1 else f"C{k % 10}"))
+    _single_x(ax, all_ep)
+    if len(set(all_ep)) <= 10 and all_ep:
+        ax.set_xticks(sorted(set(all_ep)))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -222,27 +302,33 @@ def plot_learning(path: Path, curves: list, title: str) -> Path:
             ax2.step(ep, lr, where="mid", color=color, alpha=0.4, lw=1)
         ax2.set_yscale("log")
         ax2.set_ylabel("learning rate")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
-def plot_scalar_series(path: Path, groups: dict, title: str, ylabel: str) -> Path:
-    """groups: {panel title: [(label, x, y, y_std, xlabel)]}, one panel per entry."""
+def plot_scalar_series(path: Path, groups: dict, title: str, ylabel) -> Path:
+    """groups: {panel title: [(label, x, y, y_std, xlabel)]}, one panel per entry; ``ylabel``
+    is a string or a function of the panel title. Every curve is in the panel's legend (an
+    unlabelled curve under the panel's title)."""
     plt = _plt()
     rows, cols = _grid(len(groups))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
     for ax, (panel, lines) in zip(axes.flat, groups.items()):
+        xs = []
         for k, (label, x, y, sd, xlabel) in enumerate(lines):
             color = f"C{k % 10}"
-            ax.plot(x, y, "-", lw=1.2, color=color, label=label or None)
-            if sd is not None:
+            ax.plot(x, y, "-", lw=1.2, color=color, label=label or panel, **_style(len(y)))
+            if sd is not None and len(y) == 1:
+                ax.errorbar(x, y, yerr=sd, color=color, capsize=4, ls="none")
+            elif sd is not None:
                 ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2)
             ax.set_xlabel(xlabel)
+            xs.extend(np.asarray(x, float))
+        _single_x(ax, xs)
         ax.set_title(panel, fontsize=9)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel(panel) if callable(ylabel) else ylabel)
         ax.grid(alpha=0.3)
-        if any(lab for lab, *_ in lines):
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
@@ -250,20 +336,36 @@ def plot_scalar_series(path: Path, groups: dict, title: str, ylabel: str) -> Pat
 
 
 def plot_traces(path: Path, traces: dict, title: str) -> Path:
+    """One panel per trace: a scalar as one curve, a population variable as up to 8 unit
+    curves and their mean; markers where points are few, units on both axes."""
     plt = _plt()
     rows, cols = _grid(len(traces))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
     for ax, (key, (x, values, xlabel)) in zip(axes.flat, traces.items()):
+        what, ylabel = describe(key)
+        style = _style(len(values))
+        if values.ndim == 2 and values.shape[1] == 1:   # one unit or one statistic per record
+            values = values[:, 0]
         if values.ndim == 1:
-            ax.plot(x, values, "-", lw=1.2)
+            ax.plot(x, values, "-", lw=1.2, label=what, **style)
         else:
-            for u in range(min(values.shape[1], 8)):
-                ax.plot(x, values[:, u], "-", lw=0.8, alpha=0.7)
+            shown = min(values.shape[1], 8)
+            for u in range(shown):
+                ax.plot(x, values[:, u], "-", lw=0.8, alpha=0.6, color=f"C{u}",
+                        label=(f"units 0-{shown - 1} (one curve each)" if shown > 1 else
+                               "unit 0") if u == 0 else None,
+                        **{**style, "ms": style.get("ms", 0) * 0.6})
             if values.shape[1] > 1:
-                ax.plot(x, values.mean(1), "k-", lw=1.5, label="mean over units")
-                ax.legend(fontsize=7)
+                ax.plot(x, values.mean(1), "k-", lw=1.6,
+                        label=f"mean over the {values.shape[1]} recorded units", **style)
+        if len(values):
+            _single_x(ax, x)
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(traces):]:
         ax.axis("off")
@@ -308,33 +410,39 @@ def report_run(d: Path) -> list[Path]:
     if summary:
         md += ["| | |", "|---|---|"]
         for key in ("model", "dataset", "mode", "epochs_done", "epochs", "seed", "n_train",
-                    "final_test_accuracy", "best_test_accuracy", "final_train_accuracy",
-                    "wall_s", "mean_samples_per_s", "complete"):
+                    "final_test_accuracy", "best_test_accuracy", "final_train_accuracy_running",
+                    "final_train_accuracy_eval", "final_train_accuracy", "wall_s",
+                    "mean_samples_per_s", "complete"):
             if key in summary:
-                md.append(f"| {key} | {_fmt(summary[key], key.endswith('accuracy'))} |")
+                md.append(f"| {key} | {_fmt(summary[key], 'accuracy' in key)} |")
         md.append("")
     err = _read_json(d / "error.json")
     if err:
         md += [f"**The run stopped with an error** ({err.get('error')}): {err.get('message')}", ""]
     if "epoch" in m and len(m["epoch"]):
+        nan = np.full(len(m["epoch"]), np.nan)
+        cols = {k: m.get(k, nan) for k in ("test_accuracy", "lr", "samples_per_s")}
+        cols["running"], cols["eval"] = _train_columns(m)
         written.append(plot_learning(d / "report-learning-curves.png", [(
-            "", m["epoch"], m.get("test_accuracy", np.full(len(m["epoch"]), np.nan)), None,
-            m.get("train_accuracy", np.full(len(m["epoch"]), np.nan)), None, m.get("lr"))],
-            f"{name}: learning curves"))
-        md += ["## Epochs", "", "| epoch | test accuracy | train accuracy | lr | samples/s |",
-               "|---|---|---|---|---|"]
+            "", m["epoch"], cols["test_accuracy"], None, cols["running"], None, m.get("lr"),
+            cols["eval"], None)], f"{name}: learning curves"))
+        md += ["## Epochs", "",
+               "Train running: counted while the epoch trains (dropout on, weights changing); "
+               "train eval: evaluated after the epoch like the test set "
+               "(`training.train_eval` samples; — when off).", "",
+               "| epoch | test accuracy | train running | train eval | lr | samples/s |",
+               "|---|---|---|---|---|---|"]
         rows = list(range(len(m["epoch"])))
         if len(rows) > 30:
             rows = rows[:10] + [None] + rows[-10:]
         for i in rows:
             if i is None:
-                md.append("| … | | | | |")
+                md.append("| … | | | | | |")
                 continue
             ep = int(m["epoch"][i]) if math.isfinite(m["epoch"][i]) else "—"
-            md.append(f"| {ep} | {_fmt(m.get('test_accuracy', [math.nan] * (i + 1))[i], True)} "
-                      f"| {_fmt(m.get('train_accuracy', [math.nan] * (i + 1))[i], True)} | "
-                      f"{_fmt(m.get('lr', [math.nan] * (i + 1))[i])} | "
-                      f"{_fmt(m.get('samples_per_s', [math.nan] * (i + 1))[i])} |")
+            md.append(f"| {ep} | {_fmt(cols['test_accuracy'][i], True)} | "
+                      f"{_fmt(cols['running'][i], True)} | {_fmt(cols['eval'][i], True)} | "
+                      f"{_fmt(cols['lr'][i])} | {_fmt(cols['samples_per_s'][i])} |")
         md.append("")
     else:
         notes.append("no epochs recorded (metrics.csv missing or empty): no learning curves.")
@@ -342,6 +450,7 @@ def report_run(d: Path) -> list[Path]:
     if s["traces"]:
         md += ["## Monitors", "", "| trace | records | first | last |", "|---|---|---|---|"]
         for key, (x, v, _) in s["traces"].items():
+            v = v[:, 0] if v.ndim == 2 and v.shape[1] == 1 else v
             first = v[0] if v.ndim == 1 else v[0].mean()
             last = v[-1] if v.ndim == 1 else v[-1].mean()
             suffix = "" if v.ndim == 1 else " (mean over units)"
@@ -350,10 +459,27 @@ def report_run(d: Path) -> list[Path]:
         md.append("")
     slow = summary.get("slowness")
     if isinstance(slow, dict) and slow:
-        md += ["## Convergence fit", "", "```", json.dumps(slow, indent=2), "```", ""]
+        md += ["## Convergence fit", "", "acc(t) = acc_max t / (s + t) on the test accuracy up to "
+               "the first learning-rate decay, chance prepended at epoch 0 (Srinivasan et al. "
+               "2024):", "", "```", json.dumps(slow, indent=2), "```", ""]
+    elif summary:
+        from .analysis import SLOWNESS_MIN_POINTS
+
+        note = summary.get("slowness_note") or (
+            f"fewer than {SLOWNESS_MIN_POINTS} test accuracies up to the first learning-rate "
+            "decay, or the fit did not converge")
+        md += ["## Convergence fit", "", f"No fit of acc(t) = acc_max t / (s + t): {note}.", ""]
     md += _plots_md(d, written, notes)
     written.append(_write_md(d / "report.md", md))
     return written
+
+
+def _train_columns(m: dict):
+    """(running, eval) training accuracies of a metrics table; run directories of neurosim
+    0.1 have the running one as ``train_accuracy``."""
+    nan = np.full(len(m.get("epoch", ())), np.nan)
+    return m.get("train_accuracy_running", m.get("train_accuracy", nan)), \
+        m.get("train_accuracy_eval", nan)
 
 
 def _monitor_plots(d: Path, series: dict, name: str, notes: list) -> list[Path]:
@@ -362,16 +488,22 @@ def _monitor_plots(d: Path, series: dict, name: str, notes: list) -> list[Path]:
     written = []
     for kind, fname, ylabel, title in (
             ("angles", "report-alignment-angles.png", "angle (degrees)", "alignment angles"),
-            ("goodness", "report-goodness.png", "goodness (sum of r² over recorded units)",
-             "goodness")):
+            ("goodness", "report-goodness.png", "goodness (sum of r²)", "goodness")):
         groups: dict = {}
         for label, runs in series.items():
             runs = runs if isinstance(runs, list) else [runs]
             keys = sorted({k for r in runs for k in r[kind]})
             for key in keys:
                 line = _mean_line([r[kind][key] for r in runs if key in r[kind]])
-                if line is not None:
-                    groups.setdefault(key, []).append((label, *line))
+                if line is None:
+                    continue
+                if kind == "goodness":   # one panel per population, one curve per phase
+                    panel, curve = _goodness_panel(key)
+                    panel = f"goodness of {panel}"
+                else:
+                    panel, curve = key, describe(key)[0]
+                groups.setdefault(panel, []).append(
+                    (f"{label}: {curve}" if label else curve, *line))
         if groups:
             written.append(plot_scalar_series(d / fname, groups, f"{name}: {title}", ylabel))
         else:
@@ -390,7 +522,8 @@ def _monitor_plots(d: Path, series: dict, name: str, notes: list) -> list[Path]:
                     groups.setdefault(key, []).append((label, *line))
         if groups:
             written.append(plot_scalar_series(d / "report-traces.png", groups,
-                                              f"{name}: monitored traces (mean over seeds)", ""))
+                                              f"{name}: monitored traces (mean over seeds)",
+                                              lambda key: describe(key)[1]))
         else:
             notes.append("no scalar monitored traces to plot.")
     else:
@@ -457,7 +590,8 @@ def report_sweep(d: Path, runs: bool = False) -> list[Path]:
         points.setdefault(label, []).append(r)
     series: dict = {}
     curves = []
-    finals = {m: ([], []) for m in ("final_test_accuracy", "final_train_accuracy", "wall_s")}
+    finals = {m: ([], []) for m in ("final_test_accuracy", "final_train_accuracy_running",
+                                    "wall_s")}
     table = []
     for label, rs in points.items():
         ok = [r for r in rs if r.get("status") == "ok" and (d / "runs" / r["run"]).is_dir()]
@@ -470,11 +604,11 @@ def report_sweep(d: Path, runs: bool = False) -> list[Path]:
         if eps:
             n = min(len(m["epoch"]) for m in eps)
             stack = lambda k: np.stack([m.get(k, np.full(n, np.nan))[:n] for m in eps])  # noqa: E731
-            test, train = stack("test_accuracy"), stack("train_accuracy")
-            sd = (lambda a: np.nanstd(a, 0, ddof=1) if len(a) > 1 else None)
-            with np.errstate(all="ignore"):
-                curves.append((label, eps[0]["epoch"][:n], np.nanmean(test, 0), sd(test),
-                               np.nanmean(train, 0), sd(train), eps[0].get("lr", None)))
+            test = stack("test_accuracy")
+            train = np.stack([_train_columns(m)[0][:n] for m in eps])
+            ev = np.stack([_train_columns(m)[1][:n] for m in eps])
+            curves.append((label, eps[0]["epoch"][:n], *_nan_mean_sd(test), *_nan_mean_sd(train),
+                           eps[0].get("lr", None), *_nan_mean_sd(ev)))
         cells = [label, f"{len(ok)}/{len(rs)}"]
         for m in finals:
             mean, std, k = _mean_std(r.get(m) for r in ok)
@@ -500,7 +634,7 @@ def report_sweep(d: Path, runs: bool = False) -> list[Path]:
           "Grid: " + (", ".join(f"`{k}` in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
                       or "none") + f"; {spec.get('seeds', '?')} seed(s) per point.", "",
           "Mean ± std over the finished seeds of each point.", "",
-          "| point | finished | final test accuracy | final train accuracy | wall s |",
+          "| point | finished | final test accuracy | final train accuracy (running) | wall s |",
           "|---|---|---|---|---|"]
     md += ["| " + " | ".join(c) + " |" for c in table]
     md.append("")
@@ -512,6 +646,20 @@ def report_sweep(d: Path, runs: bool = False) -> list[Path]:
     md += _plots_md(d, written, notes)
     written.append(_write_md(d / "report.md", md))
     return written
+
+
+def _nan_mean_sd(a: np.ndarray):
+    """Mean and std (None for one run) over runs, ignoring NaN, without warnings for columns
+    that are all NaN (e.g. an evaluation that was off)."""
+    ok = np.isfinite(a)
+    n = ok.sum(0)
+    with np.errstate(all="ignore"):
+        mean = np.where(n > 0, np.nansum(np.where(ok, a, 0.0), 0) / np.maximum(n, 1), np.nan)
+        if len(a) < 2:
+            return mean, None
+        dev = np.where(ok, a - mean, 0.0)
+        sd = np.where(n > 1, np.sqrt((dev ** 2).sum(0) / np.maximum(n - 1, 1)), np.nan)
+    return mean, sd
 
 
 def _fmt_ms(mean, std, metric):

@@ -190,14 +190,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _tmp_path(path: Path, unique: bool) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+                          if unique else path.name + TMP_SUFFIX)
+
+
 def atomic_write_bytes(path: Path, data, *, unique: bool = False) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file beside it (``<name>.tmp``, or a
     name unique to this call with ``unique=True`` for writers that hold no lock), fsync, rename,
     fsync of the folder. On any failure (disk full, Ctrl-C, ...) the temporary file is removed;
     an ``OSError`` is raised as a :class:`ResourceError` naming ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-                         if unique else path.name + TMP_SUFFIX)
+    tmp = _tmp_path(path, unique)
     fd = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -221,6 +225,30 @@ def atomic_write_bytes(path: Path, data, *, unique: bool = False) -> None:
 
 def atomic_write_text(path: Path, text: str, *, unique: bool = False) -> None:
     atomic_write_bytes(path, text.encode(), unique=unique)
+
+
+def atomic_write_file(path: Path, write, *, unique: bool = False) -> None:
+    """:func:`atomic_write_bytes` for writers that want a file name: ``write(tmp)`` writes the
+    temporary file (e.g. ``lambda tmp: fig.savefig(tmp, format="png")``)."""
+    path = Path(path)
+    tmp = _tmp_path(path, unique)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise os_error(e, path) from None
+        raise
+    _fsync_dir(path.parent)
 
 
 # -- the lock --------------------------------------------------------------------------------------

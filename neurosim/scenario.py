@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import ValidationError
-from .units import to_seconds
+from .errors import BareTimeWarning, ValidationError
+from .units import BARE_TIME_WARN_S, is_bare_number, to_seconds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,7 +68,8 @@ def _models():
     return _MODELS
 
 
-# kind: "int+", "int0", "float+", "float0", "prob", "bool", "str", "time", "list[int]", choice tuple
+# kind: "int+", "int0", "float+", "float0", "prob", "bool", "str", "time", "list[int]", "every",
+# choice tuple
 SCHEMA = {
     "name": ("str", "scenario"),
     "description": ("str", ""),
@@ -91,7 +94,9 @@ SCHEMA = {
         "max_weight": ("float+", 1e4),
         "seed": ("seed", 0),
         "threads": ("int+", 1),
+        "backend": (("numba", "numpy"), "numba"),
         "eval_every": ("int+", 1),
+        "train_eval": ("int0", 0),
         "keep_checkpoints": ("int+", 2),
         "chunk": ("int+", 32),
     },
@@ -103,7 +108,7 @@ SCHEMA = {
         "method": (("euler", "exp_euler"), "euler"),
     },
 }
-MONITOR_SCHEMA = {"target": ("str", None), "phase": ("str?", None), "every": ("int+", 1),
+MONITOR_SCHEMA = {"target": ("str", None), "phase": ("str?", None), "every": ("every", 1),
                   "per": (("step", "trial", None), None), "units": ("list[int]?", None),
                   "sample": ("sample", 0), "name": ("str?", None)}
 
@@ -160,9 +165,23 @@ def _check(kind, value, where):
         return v
     if kind == "time":
         try:
-            return to_seconds(value, where, allow_zero=False)
+            seconds = to_seconds(value, where, allow_zero=False)
         except OverflowError:  # float() of a huge integer inside a unit string
             raise ValidationError(where, f"got {value!r}, expected a finite time.") from None
+        if seconds >= BARE_TIME_WARN_S and is_bare_number(value):
+            warnings.warn(f"{where}: the bare number {value!r} is read as {seconds:g} s (times "
+                          f"without a unit are in seconds). Write \"{value} ms\" if you meant "
+                          f"milliseconds, or \"{value} s\" to keep seconds and silence this warning.",
+                          BareTimeWarning, stacklevel=2)
+        return seconds
+    if kind == "every":
+        if isinstance(value, str):
+            if epochs_of(value) is None:
+                raise ValidationError(where, f"got {value!r}, expected a whole number of trials "
+                                      "(minibatches) or a positive number of epochs such as "
+                                      "\"0.1 epoch\".")
+            return value
+        return _check("int+", value, where)
     if kind == "list[int]":
         if not isinstance(value, list) or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
@@ -173,6 +192,65 @@ def _check(kind, value, where):
             return value
         return _check("int0", value, where)
     raise ValidationError(where, f"internal: unknown kind {kind!r}")  # pragma: no cover
+
+
+_EPOCHS = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*epochs?\s*$")
+
+
+def epochs_of(every):
+    """The number of epochs of a monitor interval written in epochs (``"0.1 epoch"``,
+    ``"2 epochs"``): a finite float > 0; None for anything else (an int counts trials)."""
+    m = _EPOCHS.match(every) if isinstance(every, str) else None
+    if m is None:
+        return None
+    x = float(m.group(1))
+    return x if math.isfinite(x) and x > 0 else None
+
+
+# training-set sizes of the canonical datasets, for resolving epoch intervals before the data
+# are loaded (a run recompiles if the loaded set turns out to have another size)
+_TRAIN_SIZES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+
+
+def nominal_train_size(settings: dict) -> int:
+    """The training-set size the scenario asks for: ``data.train_limit`` if set, else the
+    canonical size of ``data.dataset`` (60000 for MNIST and Fashion-MNIST, 50000 for CIFAR)."""
+    full = _TRAIN_SIZES[settings["data"]["dataset"]]
+    limit = settings["data"]["train_limit"]
+    return min(limit, full) if limit else full
+
+
+def has_epoch_intervals(settings: dict) -> bool:
+    """True if some monitor's ``every`` is given in epochs."""
+    return any(epochs_of(m["every"]) is not None for m in settings.get("monitor", ()))
+
+
+def with_trial_intervals(settings: dict, n_train: int | None = None) -> dict:
+    """``settings`` itself when no monitor interval is in epochs, else
+    :func:`resolve_intervals` for ``n_train`` samples (default :func:`nominal_train_size`)."""
+    if not has_epoch_intervals(settings):
+        return settings
+    return resolve_intervals(settings, nominal_train_size(settings) if n_train is None
+                             else n_train)
+
+
+def resolve_intervals(settings: dict, n_train: int) -> dict:
+    """A copy of ``settings`` whose monitor intervals given in epochs are whole numbers of
+    trials (minibatches), for a training set of ``n_train`` samples.
+
+    ``every = "x epoch"`` becomes ``max(1, round(x * ceil(n_train / batch_size)))`` trials, and
+    such a monitor counts trials (``per = "trial"``) even for a population variable in time
+    mode. Intervals already in trials are kept. The run directory's ``scenario.toml`` keeps the
+    interval as written, so a run resumed on the same data resolves it the same way."""
+    out = copy.deepcopy(settings)
+    per_epoch = math.ceil(n_train / settings["training"]["batch_size"])
+    for m in out.get("monitor", ()):
+        x = epochs_of(m["every"])
+        if x is not None:
+            m["every"] = max(1, round(x * per_epoch))
+            if m["per"] is None:
+                m["per"] = "trial"
+    return out
 
 
 def _check_section(raw, schema, where) -> dict:
@@ -268,6 +346,10 @@ def _check_monitors(mons: list) -> None:
             raise ValidationError(f"{where}.target", f"got {target!r}, expected 'population.r', "
                                   "'population.drive', 'projection.norm', "
                                   "'projection.update_norm', 'angle:F' or 'grad_angle:W1'.")
+        if epochs_of(m["every"]) is not None and m["per"] == "step":
+            raise ValidationError(f"{where}.per", f"got 'step' with every = {m['every']!r}; an "
+                                  "interval in epochs counts trials (minibatches).",
+                                  "leave per unset (or 'trial'), or give every in time steps.")
         if target.startswith("grad_angle:") and m["per"] == "step":
             raise ValidationError(f"{where}.per", "got 'step'; grad_angle compares the rule's "
                                   "update with the gradient once per trial.",
@@ -342,19 +424,33 @@ def apply_overrides(raw: dict, overrides) -> None:
 
 
 def to_toml(settings: dict) -> str:
-    """The resolved scenario as TOML (None values omitted)."""
+    """The resolved scenario as TOML (None values omitted). Times of 1 s or more are written
+    with their unit (``"2.0 s"``), so that reading the file back does not warn about a bare
+    number of seconds."""
     import tomli_w
 
-    def clean(x):
+    def clean(x, schema=None):
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if v is not None}
+            return {k: clean(v, (schema or {}).get(k)) for k, v in x.items() if v is not None}
         if isinstance(x, list):
             return [clean(v) for v in x]
+        if isinstance(schema, tuple) and schema[0] == "time" and isinstance(x, (int, float)) \
+                and x >= BARE_TIME_WARN_S:
+            return f"{x!r} s"
         return x
 
-    return tomli_w.dumps(clean(settings))
+    schema = dict(SCHEMA)
+    name = settings.get("model", {}).get("name")
+    if name in _models():
+        schema["model"] = _models()[name][0]
+    return tomli_w.dumps(clean(settings, schema))
 
 
 def build(settings: dict):
-    """Build ``(circuit, protocol, rules, output)`` for validated settings."""
-    return _models()[settings["model"]["name"]][1](settings)
+    """Build ``(circuit, protocol, rules, output)`` for validated settings.
+
+    The builders receive times already converted to seconds, so their own bare-number warnings
+    are silenced here (the scenario keys were checked by :func:`validate`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BareTimeWarning)
+        return _models()[settings["model"]["name"]][1](settings)

@@ -7,35 +7,22 @@ population or projection.
 
 from __future__ import annotations
 
-import contextlib
-
-import numba
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from .backend import get_backend
 from .compiler import Plan, Program
 from .errors import SimulationError, ValidationError
-from .kernels import ops as K
-from .monitors import Trace
+from .optable import NONFINITE_RATE, NONFINITE_WEIGHT, OK, WEIGHT_RUNAWAY
+from .monitors import Trace, Traces
 from .rng import component_rng
 from .units import to_seconds
 
-_CONTROLLER = None
-
-
-def _controller():
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
-
-
 _HINTS = {
-    K.NONFINITE_RATE: ("a rate became NaN or inf", "lower the learning rate or dt, bound the drive, "
+    NONFINITE_RATE: ("a rate became NaN or inf", "lower the learning rate or dt, bound the drive, "
                        "or check the inputs for NaN."),
-    K.NONFINITE_WEIGHT: ("a weight became NaN or inf", "lower the learning rate (training.lr); "
+    NONFINITE_WEIGHT: ("a weight became NaN or inf", "lower the learning rate (training.lr); "
                          "the last checkpoint is intact."),
-    K.WEIGHT_RUNAWAY: ("a weight exceeded SGD.max_weight (runaway learning)",
+    WEIGHT_RUNAWAY: ("a weight exceeded SGD.max_weight (runaway learning)",
                        "lower the learning rate (training.lr) or add weight decay; the last "
                        "checkpoint is intact."),
 }
@@ -56,7 +43,7 @@ class Simulator:
         the BLAS kernel's blocking. Use it on otherwise idle cores.
     """
 
-    def __init__(self, plan: Plan, threads: int = 1):
+    def __init__(self, plan: Plan, threads: int = 1, backend: str = "numba"):
         if not isinstance(plan, Plan):
             raise ValidationError("Simulator.plan", f"got {type(plan).__name__}, expected a Plan "
                                   "from neurosim.compile_plan.")
@@ -64,19 +51,18 @@ class Simulator:
             raise ValidationError("Simulator.threads", f"got {threads!r}, expected an int >= 1.")
         self.plan = plan
         self.threads = threads
-        # numba's pool cannot exceed NUMBA_NUM_THREADS (the CPU count by default)
-        self._nthreads = min(threads, numba.config.NUMBA_NUM_THREADS)
-        self._initial = plan.mem.copy()
-        self._ws_i = np.zeros(8, np.int32)
-        self._ws_f = np.zeros(2, np.float32)
+        self.backend = get_backend(backend, threads)
+        self.mem = plan.init_mem.copy()          # the simulator's own arena
+        self.scal = plan.scalar_init.copy()      # scalar slots (lr, epoch gates)
         self._info = np.zeros(4, np.int64)
+        self.epoch = 0
         self.trial = 0          # trials (minibatches) run so far
         self.step = 0           # time steps run so far
         self._records = {m["key"]: [] for m in plan.monitor_meta}
         self._empty_x = np.zeros((1, 1), np.float32)
         self._empty_y = np.zeros(1, np.int64)
         self._empty_o = np.zeros(0, np.int64)
-        self._empty_v = np.zeros((0, 1), np.float32)
+        self._empty_out = np.zeros((1, 1), np.float32)
 
     # -- state access -----------------------------------------------------------------------------
     @property
@@ -84,17 +70,24 @@ class Simulator:
         """Read-only views of every projection's weights, (post, pre)."""
         out = {}
         for name in self.plan.circuit.projections:
-            v = self.plan.view(f"{name}.W").view()
+            v = self.view(f"{name}.W").view()
             v.setflags(write=False)
             out[name] = v
         return out
+
+    def view(self, name: str, nb: int | None = None) -> np.ndarray:
+        """The live buffer ``name`` of this simulator's arena (see ``plan.buffer_index``)."""
+        if name not in self.plan.buffer_index:
+            raise ValidationError("Simulator.view", f"no buffer {name!r} in the plan (e.g. "
+                                  f"{sorted(self.plan.buffer_index)[:6]} ...).")
+        return self.plan.view(name, nb, self.mem)
 
     def set_weights(self, name: str, value) -> None:
         """Overwrite a projection's weights (shape (post, pre))."""
         if name not in self.plan.circuit.projections:
             raise ValidationError("Simulator.set_weights", f"no projection {name!r} (has "
                                   f"{sorted(self.plan.circuit.projections)}).")
-        w = self.plan.view(f"{name}.W")
+        w = self.view(f"{name}.W")
         a = np.asarray(value, np.float32)
         if a.shape != w.shape:
             raise ValidationError(f"Simulator.set_weights({name!r})", f"shape {a.shape}, expected "
@@ -109,18 +102,18 @@ class Simulator:
             raise ValidationError("Simulator.rate", f"no trace {pop}@{phase} (populations "
                                   f"{sorted(self.plan.circuit.populations)}, phases "
                                   f"{[p.name for p in self.plan.protocol.phases]}).")
-        return self.plan.view(key, nb).copy()
+        return self.view(key, nb).copy()
 
     def buffer(self, name: str) -> np.ndarray:
         """A copy of any named plan buffer (see ``plan.buffer_index``)."""
-        return self.plan.view(name).copy()
+        return self.view(name).copy()
 
     def set_stimulus(self, name: str, value) -> None:
         """Set a stimulus for free runs: an array (batch, size) or (size,) broadcast."""
         if name not in self.plan.stimuli:
             raise ValidationError("Simulator.set_stimulus", f"no stimulus {name!r} (the protocol "
                                   f"uses {sorted(self.plan.stimuli)}).")
-        v = self.plan.view(f"stim.{name}")
+        v = self.view(f"stim.{name}")
         a = np.asarray(value, np.float32)
         try:
             v[...] = np.broadcast_to(a, v.shape)
@@ -129,9 +122,9 @@ class Simulator:
                                   f"expected {v.shape} or ({v.shape[1]},).") from None
 
     @property
-    def traces(self) -> dict:
+    def traces(self) -> Traces:
         """Monitor results, key -> :class:`Trace` (with ``t`` in seconds for step monitors and in
-        trials for trial monitors)."""
+        trials for trial monitors); unambiguous short keys work (``"E.r"`` for ``"E.r@stim"``)."""
         out = {}
         dt = self.plan.protocol.dt
         for meta in self.plan.monitor_meta:
@@ -149,35 +142,51 @@ class Simulator:
             else:
                 t, unit = st[:, 0].astype(np.float64), "trial"
             out[meta["key"]] = Trace(meta["key"], vals, t, unit, st[:, 0], st[:, 1])
-        return out
+        return Traces(out)
 
     # -- reset ------------------------------------------------------------------------------------
     def reset(self, *, rates: bool = True, weights: bool = False, optimizer: bool = False,
-              monitors: bool = False) -> None:
-        """Reset chosen parts of the state; nothing is reset implicitly.
+              rule: bool = False, monitors: bool = False, everything: bool = False) -> None:
+        """Reset chosen parts of the state to their initial values; nothing is reset implicitly.
 
-        rates: every population rate/drive/scratch buffer (and the time and trial counters);
-        weights: projection weights to their initial values; optimizer: momentum buffers;
-        monitors: recorded traces.
+        rates: population rates, drives, masks, stimuli and scratch (and the time and trial
+        counters); weights: projection weights and biases; optimizer: momentum and update
+        buffers and the learning rate; rule: rule and monitor state (learned feedback factors,
+        running means, counters) and statistics; monitors: recorded traces. ``everything=True``
+        resets all of them: the simulator is then equal to a fresh one on the same plan.
         """
+        if everything:
+            rates = weights = optimizer = rule = monitors = True
+        kinds = set()
+        if rates:
+            kinds |= {"state", "stimulus", "scratch"}
+        if weights:
+            kinds.add("weight")
+        if optimizer:
+            kinds.add("optimizer")
+        if rule:
+            kinds |= {"rule", "stats"}
         plan = self.plan
-        for name, i in plan.buffer_index.items():
-            is_w = name.endswith(".W")
-            is_v = name.endswith(".V")
-            is_state = ".r@" in name or ".drive@" in name or name.startswith(("scratch.", "stim."))
-            if (rates and is_state) or (weights and is_w) or (optimizer and is_v):
-                off, r, c, b = plan.bufs[i]
-                rows = plan.batch if b else r
-                plan.mem[off:off + rows * c] = self._initial[off:off + rows * c]
+        for name in plan.names_of_kind(*kinds):
+            i = plan.buffer_index[name]
+            off, r, c, b = plan.bufs[i]
+            rows = plan.batch if b else r
+            self.mem[off:off + rows * c] = plan.init_mem[off:off + rows * c]
+        if optimizer or rule:
+            self.scal[...] = plan.scalar_init
+            if not everything:    # the epoch stays: its schedules' values come back
+                self.set_epoch(self.epoch)
         if rates:
             self.step = 0
             self.trial = 0
+        if everything:
+            self.epoch = 0
         if monitors:
             self._records = {m["key"]: [] for m in plan.monitor_meta}
 
     # -- running ----------------------------------------------------------------------------------
     def _call(self, program: Program, blocks, X, Y, T, order, start, n_trials, step0,
-              steps_total: int):
+              steps_total: int, out=None):
         plan = self.plan
         meta = plan.monitor_meta
         rec_meta = np.zeros((max(len(meta), 1), 8), np.int64)
@@ -195,21 +204,19 @@ class Simulator:
         rec = np.zeros(max(voff, 1), np.float32)
         stamps = np.zeros(max(soff, 1), np.int64)
         cnt = np.zeros(max(len(meta), 1), np.int64)
-        with self._threads():
-            status = K.run_trials(plan.mem, plan.bufs, program.prog, program.fprm, blocks, X, Y,
-                                  T, order, start, n_trials, plan.batch, self.trial, step0,
-                                  plan.keys, rec, stamps, rec_meta, cnt, self._info, self._ws_i,
-                                  self._ws_f, self._nthreads)
+        status = self.backend.run(self, program, blocks, X, Y, T, order, start, n_trials,
+                                  self.trial, step0, rec, stamps, rec_meta, cnt, self._info,
+                                  self._empty_out if out is None else out)
         for m, md in enumerate(meta):
             k = int(cnt[m])
             if k:
                 off, size = rec_meta[m, 0], rec_meta[m, 1]
                 vals = rec[off:off + k * size].reshape(k, size).copy()
                 if md.get("update_scale") and plan.optimizer.style == "torch":
-                    vals *= program.fprm[program.lr_slots[0], 0] if program.lr_slots else 1.0
+                    vals *= self.lr * md.get("lr_scale", 1.0)
                 st = stamps[rec_meta[m, 7]:rec_meta[m, 7] + 2 * k].reshape(k, 2).copy()
                 self._records[md["key"]].append((vals, st))
-        if status != K.OK:
+        if status != OK:
             self._raise(program, status)
 
     def _raise(self, program, status):
@@ -225,13 +232,25 @@ class Simulator:
         step = rep if section.endswith(":loop") else None
         raise SimulationError(f"{msg} at trial {trial}", phase=phase, step=step, hint=hint, **kw)
 
+    @property
+    def lr(self) -> float:
+        """The current learning rate (scalar slot ``"lr"``)."""
+        i = self.plan.scalar_index.get("lr")
+        return float(self.scal[i]) if i is not None else float("nan")
+
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every optimizer step (and of fused momentum GEMMs)."""
-        f = self.plan.train.fprm
-        for i in self.plan.train.lr_slots:      # SGD steps: column 4 holds SGD.lr_scale
-            f[i, 0] = lr * f[i, 4]
-        for i in self.plan.train.lr2_slots:     # fused GEMMs: column 3 holds the scale
-            f[i, 2] = lr * f[i, 3]
+        """Set the learning rate of every optimizer step (a scalar slot: the plan is not
+        changed; per-projection ``SGD.lr_scale`` factors still apply)."""
+        i = self.plan.scalar_index.get("lr")
+        if i is not None:
+            self.scal[i] = float(lr)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Enter 0-based ``epoch``: the rules' epoch schedules (e.g. weight mirroring's
+        pre-mirroring epochs and period) set their scalar slots for it."""
+        self.epoch = int(epoch)
+        for name, fn in self.plan.schedules:
+            self.scal[self.plan.scalar_index[name]] = float(fn(self.epoch))
 
     def train(self, X, Y=None, order=None, *, T=None, chunk: int = 64, progress=None) -> int:
         """Train on the minibatches ``order`` (default: all rows in order) of the data.
@@ -272,30 +291,24 @@ class Simulator:
             raise ValidationError("Simulator.predict", "the circuit has no output population to "
                                   "classify (no error population and no output= at compile).")
         X, _, order = self._data(X, None, None, "Simulator.predict")
-        pred = np.zeros(len(order), np.int64)
-        out_buf = plan.buffer_index[f"{plan.output}.r@{plan.protocol.inference_phase}"]
         Y = np.zeros(len(order), np.int64)
         T = self._targets(None, X, "Simulator.predict")
-        vals = (np.zeros((len(order), plan.circuit.populations[plan.output].size), np.float32)
-                if values else self._empty_v)
-        with self._threads():
-            status = K.predict(plan.mem, plan.bufs, plan.infer.prog, plan.infer.fprm,
-                               plan.infer.blocks, X, Y, T, order, plan.batch, plan.keys, out_buf,
-                               pred, vals, self._info, self._ws_i, self._ws_f, self._nthreads)
-        if status != K.OK:
-            self._raise(plan.infer, status)
-        return vals if values else pred
+        out = np.zeros((len(order), plan.circuit.populations[plan.output].size), np.float32)
+        n_trials = -(-len(order) // plan.batch)
+        self._run_infer(X, Y, T, order, n_trials, out)
+        return out if values else np.argmax(out, axis=1).astype(np.int64)
 
-    @contextlib.contextmanager
-    def _threads(self):
-        """One thread pool: with ``threads > 1`` the kernels split GEMMs and element-wise work
-        over numba's pool and BLAS runs single-threaded inside each block (two pools, BLAS's and
-        numba's, spinning on the same cores slowed training tenfold on a 2-core machine)."""
-        blas = 1 if self._nthreads > 1 else self.threads
-        with _controller().limit(limits=blas, user_api="blas"):
-            if self._nthreads > 1:
-                numba.set_num_threads(self._nthreads)
-            yield
+    def _run_infer(self, X, Y, T, order, n_trials, out):
+        """The inference program over all of ``order`` (no monitors, counters unchanged)."""
+        rec = np.zeros(1, np.float32)
+        stamps = np.zeros(1, np.int64)
+        meta = np.zeros((1, 8), np.int64)
+        cnt = np.zeros(1, np.int64)
+        prog = self.plan.infer
+        status = self.backend.run(self, prog, prog.blocks, X, Y, T, order, 0, n_trials, 0, 0,
+                                  rec, stamps, meta, cnt, self._info, out)
+        if status != OK:
+            self._raise(prog, status)
 
     def evaluate(self, X, Y) -> float:
         """Classification accuracy in [0, 1]."""
@@ -317,7 +330,8 @@ class Simulator:
         if (duration is None) == (steps is None):
             raise ValidationError("Simulator.run", "give exactly one of duration or steps.")
         if steps is None:
-            steps = int(round(to_seconds(duration, "Simulator.run.duration") / plan.protocol.dt))
+            seconds = to_seconds(duration, "Simulator.run.duration", warn_bare=True)
+            steps = int(round(seconds / plan.protocol.dt))
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
             raise ValidationError("Simulator.run.steps", f"got {steps!r}, expected an int >= 0.")
         if steps == 0:
@@ -398,20 +412,29 @@ class Simulator:
 
     # -- checkpoint support -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue bit-identically: arena, counters, traces."""
-        return {"mem": self.plan.mem.copy(), "trial": self.trial, "step": self.step,
+        """Everything needed to continue bit-identically: arena, scalar slots, counters,
+        traces."""
+        return {"mem": self.mem.copy(), "scal": self.scal.copy(), "trial": self.trial,
+                "step": self.step, "epoch": self.epoch,
                 "records": {k: [(v.copy(), s.copy()) for v, s in c]
                             for k, c in self._records.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         mem = np.asarray(state["mem"], np.float32)
-        if mem.shape != self.plan.mem.shape:
+        if mem.shape != self.mem.shape:
             raise ValidationError("Simulator.load_state_dict", f"arena of {mem.shape[0]} floats, "
-                                  f"this plan has {self.plan.mem.shape[0]}; the checkpoint was "
+                                  f"this plan has {self.mem.shape[0]}; the checkpoint was "
                                   "made from another circuit or batch size.")
-        self.plan.mem[...] = mem
+        self.mem[...] = mem
+        if "scal" in state:
+            scal = np.asarray(state["scal"], np.float64)
+            if scal.shape != self.scal.shape:
+                raise ValidationError("Simulator.load_state_dict", f"{scal.shape[0]} scalar "
+                                      f"slots, this plan has {self.scal.shape[0]}.")
+            self.scal[...] = scal
         self.trial = int(state["trial"])
         self.step = int(state["step"])
+        self.epoch = int(state.get("epoch", self.epoch))
         self._records = {k: list(v) for k, v in state.get("records", {}).items()}
         for m in self.plan.monitor_meta:
             self._records.setdefault(m["key"], [])

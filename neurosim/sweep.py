@@ -50,7 +50,7 @@ SWEEP_FILES = ("sweep.json", "sweep.csv", "summary.md", "runs")
 HELP = "run a scenario over a parameter grid x seeds on dask.distributed (local or a cluster)"
 
 # metrics of summary.json aggregated per grid point (plus any other final_*/best_* number)
-_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy", "wall_s")
+_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy_running", "wall_s")
 
 
 def add_arguments(p) -> None:

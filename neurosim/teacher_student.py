@@ -1,6 +1,6 @@
 r"""Teacher-student online learning on the engine, next to the ODEs of :mod:`neurosim.theory`.
 
-The setting is the one of ``shared/reference/theory.md`` (the spec) §1: a soft committee
+The setting is the one of ``docs/theory-reference.md`` (the spec) §1: a soft committee
 machine (SCM) student with K erf hidden units learns online from an SCM teacher with M hidden
 units, on i.i.d. Gaussian inputs :math:`x\in\mathbb R^N`, one fresh sample per step, with BP,
 FA, AFA or PEPITA. Both networks are neurosim circuits; the student is trained by the engine's

@@ -14,7 +14,7 @@ rule       first-layer feedback :math:`\beta`                               extr
 ``pepita`` AFA plus the first-order PEPITA corrections                      :math:`b(t)`
 ========== ================================================================ ==============
 
-The specification is ``shared/reference/theory.md`` (cited below as "spec §x"); every formula
+The specification is ``docs/theory-reference.md`` (cited below as "spec §x"); every formula
 here is written from it.
 
 Setting (spec §1)

@@ -5,6 +5,14 @@ A run directory holds ``scenario.toml`` (resolved), ``metrics.csv`` (one row per
 ``checkpoints/epoch-NNNN.npz`` (the last ``training.keep_checkpoints``, each written to a
 temporary file and renamed, so a killed run never leaves a half-written checkpoint).
 
+``metrics.csv`` has two training accuracies that must not be confused:
+``train_accuracy_running`` is counted while the epoch trains (each minibatch classified by the
+training pass, with dropout, by weights that change during the epoch), and
+``train_accuracy_eval`` is a separate evaluation after the epoch, like the test accuracy (no
+dropout, no plasticity), on the first ``training.train_eval`` training samples (off by default:
+NaN). Monitor intervals written in epochs (``every = "0.1 epoch"``) are resolved to whole
+minibatches from the training-set size (:func:`neurosim.scenario.resolve_intervals`).
+
 Checkpoints and bit-identical resumption
 ----------------------------------------
 A checkpoint is written after every successful epoch (never after a failed one) and holds the
@@ -47,7 +55,9 @@ import json
 import math
 import os
 import re
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +65,17 @@ import numpy as np
 from . import rundir
 from . import scenario as sc
 from .compiler import compile_plan
-from .errors import DataError, NeurosimError, ResourceError, SimulationError, ValidationError
+from .errors import (DataError, NeurosimError, NeurosimWarning, ResourceError, SimulationError,
+                     ValidationError)
 from .diagnostics import GradientAlignment
 from .monitors import Monitor
 from .plasticity.optim import SGD
 from .simulator import Simulator, shuffled_order
 
-METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_s", "wall_s",
-                 "epoch_s"]
+METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy_running", "train_accuracy_eval", "lr",
+                 "samples_per_s", "wall_s", "epoch_s"]
+MIN_TRACE_POINTS = 3
+"""A monitor that would record fewer points than this over a whole run draws a warning."""
 
 #: The files and folders a run writes into its directory (a new run refuses a folder that holds
 #: any of them; ``--resume`` removes their stale ``.tmp`` files).
@@ -82,7 +95,10 @@ def make_simulator(settings: dict) -> Simulator:
     """Build and compile the scenario's circuit; returns a ready Simulator.
 
     Errors raised by the descriptions are reported under scenario key paths (``monitor[1].phase``,
-    ``simulation.dt``, ``model.sizes``) rather than the engine's object names."""
+    ``simulation.dt``, ``model.sizes``) rather than the engine's object names. Monitor intervals
+    still in epochs are resolved for the nominal training-set size
+    (:func:`neurosim.scenario.with_trial_intervals`)."""
+    settings = sc.with_trial_intervals(settings)
     try:
         circuit, protocol, rules, output = sc.build(settings)
     except ValidationError as e:
@@ -120,7 +136,7 @@ def make_simulator(settings: dict) -> Simulator:
             if hits:
                 raise _monitor_error(e, hits[0]) from None
         raise _scenario_error(e) from None
-    return Simulator(plan, threads=tr["threads"])
+    return Simulator(plan, threads=tr["threads"], backend=tr["backend"])
 
 
 def _monitor_where(m) -> str:
@@ -210,7 +226,8 @@ def _check_memory(circuit, protocol, batch: int) -> None:
 # Settings that do not change what a run computes: a run may be resumed with other values
 # (e.g. more epochs, another data folder, more BLAS threads).
 _NOT_HASHED = {"name": None, "description": None, "data": ("dir", "verify"),
-               "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads")}
+               "training": ("epochs", "keep_checkpoints", "eval_every", "chunk", "threads",
+                            "backend", "train_eval")}
 
 
 def scenario_hash(settings: dict) -> str:
@@ -372,15 +389,48 @@ def load_data(settings: dict, data_dir=None):
     return ds, x_test, y_test
 
 
-def simulator_for(settings: dict) -> Simulator:
+def simulator_for(settings: dict, n_train: int | None = None) -> Simulator:
     """The scenario's Simulator, made by its model's factory if it registered one
-    (:func:`neurosim.scenario.register_model`), else by :func:`make_simulator`."""
-    factory = sc.simulator_for(settings)
-    if factory is None:
-        return make_simulator(settings)
-    sim = factory(settings)
-    _check_steps(sim.plan.protocol, settings)
+    (:func:`neurosim.scenario.register_model`), else by :func:`make_simulator`. Monitor
+    intervals in epochs are resolved for ``n_train`` training samples (default: the nominal
+    size, :func:`neurosim.scenario.nominal_train_size`)."""
+    return _build(sc.simulator_for(settings) or make_simulator, settings, n_train)
+
+
+def _build(factory, settings: dict, n_train: int | None) -> Simulator:
+    """``factory`` on the settings with trial intervals; the builders' own warnings about bare
+    numbers of seconds are silenced (the scenario keys were checked when it was loaded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sc.BareTimeWarning)
+        sim = factory(sc.with_trial_intervals(settings, n_train))
+    if factory is not make_simulator:        # make_simulator checks before compiling
+        _check_steps(sim.plan.protocol, settings)
     return sim
+
+
+def check_trace_lengths(sim: Simulator, settings: dict, n_train: int) -> list:
+    """Warn (:class:`~neurosim.errors.NeurosimWarning`) about every monitor that records fewer
+    than :data:`MIN_TRACE_POINTS` points over the whole run; returns the messages."""
+    per_epoch = math.ceil(n_train / settings["training"]["batch_size"])
+    trials = settings["training"]["epochs"] * per_epoch
+    steps = trials * getattr(sim.plan.train, "steps_per_trial", 1)
+    written = {m["name"] or m["target"]: m["every"] for m in settings.get("monitor", ())}
+    notes = []
+    for meta in getattr(sim.plan, "monitor_meta", ()):
+        every, per = meta.get("every", 1), meta.get("per", "trial")
+        n = (steps if per == "step" else trials)
+        points = (n - 1) // every + 1 if n > 0 else 0
+        if points < MIN_TRACE_POINTS:
+            asked = written.get(meta["key"], written.get(meta["key"].split("@")[0], every))
+            unit = "time steps" if per == "step" else "minibatches"
+            given = f" (every = {asked!r})" if isinstance(asked, str) else ""
+            notes.append(f"monitor {meta['key']!r} records every {every} {unit}{given}, so "
+                         f"{points} point(s) in this run of "
+                         f"{settings['training']['epochs']} epoch(s) x {per_epoch} minibatches. "
+                         "Give every in epochs (e.g. every = \"0.1 epoch\") or lower it.")
+    for text in notes:
+        warnings.warn(text, NeurosimWarning, stacklevel=2)
+    return notes
 
 
 def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progress: bool = True,
@@ -395,14 +445,16 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
     checkpoint is moved aside to ``*.corrupt`` and the previous one used, saying so).
     ``simulator_factory(settings)`` replaces the model's factory (:func:`simulator_for`)."""
     out = Path(out_dir)
-    # validates the whole circuit before any I/O
-    if simulator_factory is not None:
-        sim = simulator_factory(settings)
-        _check_steps(sim.plan.protocol, settings)
-    else:
-        sim = simulator_for(settings)
+    factory = simulator_factory or sc.simulator_for(settings) or make_simulator
+    # validates the whole circuit before any I/O (epoch intervals for the nominal data size)
+    nominal = sc.nominal_train_size(settings)
+    sim = _build(factory, settings, nominal)
     ds, x_test, y_test = load_data(settings, data_dir)
+    n_train = int(ds.x_train.shape[0])
+    if n_train != nominal and sc.has_epoch_intervals(settings):
+        sim = _build(factory, settings, n_train)   # the real size: recompile with it
     _check_data_fits(sim, ds, settings)
+    check_trace_lengths(sim, settings, n_train)
     if data_dir is not None:                 # so that --resume finds the data without --data
         settings = copy.deepcopy(settings)
         settings["data"]["dir"] = str(Path(data_dir).resolve())
@@ -449,6 +501,9 @@ def _resume_point(out: Path, sim: Simulator, settings: dict, ds, log) -> tuple[i
         except CorruptCheckpointError as e:
             bad.append((ck, e))
             continue
+        for r in metrics:   # checkpoints of neurosim 0.1 name the running accuracy so
+            if "train_accuracy" in r:
+                r.setdefault("train_accuracy_running", r.pop("train_accuracy"))
         if not bad:
             log(f"resumed from {ck} (epoch {epoch})")
             return epoch, metrics
@@ -607,10 +662,18 @@ def _train_epoch(sim, X, Y, order, cap: int, pace: _Pace, step) -> None:
 
 
 def _evaluate(sim, X, Y, pace: _Pace) -> float:
-    """Test accuracy; for the engine's own Simulator in calls of about :data:`CALL_S`
-    seconds (slices of whole minibatches: the predictions are those of one call)."""
-    if type(sim).evaluate is not Simulator.evaluate:    # a model's own evaluation (FF)
+    """Test accuracy: the model's own evaluation if it has one (FF), else :func:`_accuracy`."""
+    if type(sim).evaluate is not Simulator.evaluate:
         return sim.evaluate(X, Y)
+    return _accuracy(sim, X, Y, pace)
+
+
+def _accuracy(sim, X, Y, pace: _Pace) -> float:
+    """Share of ``X`` that ``sim.predict`` classifies as ``Y``; for the engine's own predict in
+    calls of about :data:`CALL_S` seconds (slices of whole minibatches: the predictions are
+    those of one call)."""
+    if type(sim).predict is not Simulator.predict:      # a model's own (FF: Python loops)
+        return float(np.mean(sim.predict(X) == np.asarray(Y)))
     B = sim.plan.batch
     preds, pos, n = [], 0, len(X)
     while pos < n:
@@ -638,14 +701,18 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
 
         bar = tqdm(total=tr["epochs"] * n, initial=start_epoch * n, unit="sample",
                    unit_scale=True, dynamic_ncols=True, disable=None)
+    # a line per epoch whenever no bar is drawn or stdout goes to a file, pipe or job log
+    log_epochs = bar is None or bar.disable or not _isatty(sys.stdout)
+    x_eval, y_eval = ds.x_train[: tr["train_eval"]], ds.y_train[: tr["train_eval"]]
     stats = sim.plan.buffer_index.get("stats.correct")
     pace, eval_pace = _Pace(), _Pace()
     try:
         for epoch in range(start_epoch, tr["epochs"]):
             lr = opt.lr_at(epoch)
             sim.set_lr(lr)
+            sim.set_epoch(epoch)
             if stats is not None:
-                sim.plan.view("stats.correct")[...] = 0
+                sim.view("stats.correct")[...] = 0
             order = shuffled_order(tr["seed"], epoch, n)
             done = [0]
 
@@ -660,14 +727,15 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                 row = {"epoch": epoch + 1, "lr": lr, "samples_per_s": n / t_train,
                        "epoch_s": t_train}
                 if stats is not None:
-                    c = sim.plan.view("stats.correct")
-                    row["train_accuracy"] = float(c[0, 0] / max(c[0, 1], 1))
+                    c = sim.view("stats.correct")
+                    row["train_accuracy_running"] = float(c[0, 0] / max(c[0, 1], 1))
                 else:
-                    row["train_accuracy"] = float("nan")
+                    row["train_accuracy_running"] = float("nan")
+                row["train_accuracy_eval"] = row["test_accuracy"] = float("nan")
                 if (epoch + 1) % tr["eval_every"] == 0 or epoch + 1 == tr["epochs"]:
+                    if len(y_eval):   # predict, not evaluate: a model's evaluate may log
+                        row["train_accuracy_eval"] = _accuracy(sim, x_eval, y_eval, eval_pace)
                     row["test_accuracy"] = _evaluate(sim, x_test, y_test, eval_pace)
-                else:
-                    row["test_accuracy"] = float("nan")
             except SimulationError as e:
                 raise _diverged(e, epoch + 1, out) from e
             row["wall_s"] = time.perf_counter() - wall0
@@ -679,13 +747,33 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                 old.unlink()
             if bar is not None:
                 bar.set_postfix(test=f"{row['test_accuracy']:.4f}", lr=f"{lr:g}")
-            else:
-                log(f"epoch {epoch + 1}/{tr['epochs']}: test {row['test_accuracy']:.4f} "
-                    f"train {row['train_accuracy']:.4f} {row['samples_per_s']:.0f} samples/s")
+            if log_epochs:
+                log(_epoch_line(row, tr["epochs"]))
     finally:
         if bar is not None:
             bar.close()
     return _write_outputs(out, sim, settings, metrics, ds, final=True)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One log line per epoch; the accuracies are percentages, "-" where not measured."""
+    def pct(key):
+        v = row.get(key, math.nan)
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
+
+    text = f"epoch {row['epoch']}/{epochs}: test {pct('test_accuracy')}"
+    text += f", train running {pct('train_accuracy_running')}"
+    if math.isfinite(row.get("train_accuracy_eval", math.nan)):
+        text += f", train eval {pct('train_accuracy_eval')}"
+    return (text + f", lr {row['lr']:g}, {row['samples_per_s']:.0f} samples/s, "
+            f"{row['epoch_s']:.1f} s")
 
 
 def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
@@ -704,7 +792,16 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
     np.savez(buf, **arrays)
     _atomic_write_bytes(out / "traces.npz", buf.getvalue())
     accs = [r["test_accuracy"] for r in metrics if not np.isnan(r["test_accuracy"])]
-    from .analysis import slowness_fit
+    from .analysis import SLOWNESS_MIN_POINTS, slowness_fit, slowness_points
+
+    before = (settings["training"]["milestones"] or [None])[0]
+    ep_acc = ([r["epoch"] for r in metrics], [r["test_accuracy"] for r in metrics])
+    slowness = slowness_fit(*ep_acc, n_classes=ds.n_classes, before=before)
+    n_fit = slowness_points(*ep_acc, before=before)
+    slowness_note = None if slowness is not None else (
+        f"{n_fit} test accurac{'y' if n_fit == 1 else 'ies'} up to the first learning-rate "
+        f"decay; the 2-parameter fit needs at least {SLOWNESS_MIN_POINTS}"
+        if n_fit < SLOWNESS_MIN_POINTS else "the least-squares fit did not converge")
 
     summary = {
         "scenario": settings["name"], "model": settings["model"]["name"],
@@ -712,19 +809,25 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
         "epochs": settings["training"]["epochs"], "seed": settings["training"]["seed"],
         "final_test_accuracy": accs[-1] if accs else None,
         "best_test_accuracy": max(accs) if accs else None,
-        "final_train_accuracy": metrics[-1]["train_accuracy"] if metrics else None,
+        "final_train_accuracy_running": metrics[-1]["train_accuracy_running"] if metrics else None,
+        "final_train_accuracy_eval": _last_finite(metrics, "train_accuracy_eval"),
         "wall_s": metrics[-1]["wall_s"] if metrics else 0.0,
         "mean_samples_per_s": float(np.mean([r["samples_per_s"] for r in metrics])) if metrics else None,
         "n_train": int(ds.x_train.shape[0]), "threads": settings["training"]["threads"],
         "mode": settings["simulation"]["mode"], "complete": bool(final),
         "neurosim_version": _version(),
-        "slowness": slowness_fit([r["epoch"] for r in metrics], [r["test_accuracy"] for r in metrics],
-                                 n_classes=ds.n_classes,
-                                 before=(settings["training"]["milestones"] or [None])[0]),
+        "slowness": slowness,
     }
+    if slowness_note:
+        summary["slowness_note"] = slowness_note
     _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     _plot(out, metrics, settings)
     return summary
+
+
+def _last_finite(metrics, key):
+    vals = [r.get(key) for r in metrics if r.get(key) is not None and math.isfinite(r[key])]
+    return vals[-1] if vals else None
 
 
 def _json_default(x):
@@ -746,16 +849,27 @@ def _plot(out: Path, metrics, settings):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ep = [r["epoch"] for r in metrics]
-    ax.plot(ep, [100 * r["test_accuracy"] for r in metrics], "o-", ms=3, label="test")
-    ax.plot(ep, [100 * r["train_accuracy"] for r in metrics], "s--", ms=2, label="train (clean pass)")
+    ep = np.asarray([r["epoch"] for r in metrics], float)
+    ms = 5 if len(ep) <= 20 else 3
+    for key, style, label in (
+            ("test_accuracy", "o-", "test (evaluation)"),
+            ("train_accuracy_running", "s--", "train, running (during the epoch, with dropout)"),
+            ("train_accuracy_eval", "^-.", "train, evaluated after the epoch")):
+        y = np.asarray([r.get(key, math.nan) for r in metrics], float)
+        ok = np.isfinite(y)
+        if ok.any():
+            ax.plot(ep[ok], 100 * y[ok], style, ms=ms, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{settings['name']}: {settings['model']['name']} on {settings['data']['dataset']}")
+    if len(ep) == 1:   # one epoch: a readable axis around the single point
+        ax.set_xlim(ep[0] - 0.5, ep[0] + 0.5)
+        ax.set_xticks([ep[0]])
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    _atomic_write_bytes(out / "learning_curve.png", buf.getvalue())
+    try:
+        rundir.atomic_write_file(out / "learning_curve.png",
+                                 lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 
-from .errors import ValidationError
+from .errors import BareTimeWarning, ValidationError
 
 # Unit symbols are case-sensitive, as in SI and brian2 ("mHz" is millihertz, "MHz" megahertz).
 _TIME_UNITS = {"s": 1.0, "second": 1.0, "seconds": 1.0, "sec": 1.0,
@@ -28,19 +29,41 @@ def _is_brian_quantity(value) -> bool:
     return type(value).__module__.startswith("brian2") and hasattr(value, "dim")
 
 
-def to_seconds(value, where: str, *, allow_zero: bool = True) -> float:
+BARE_TIME_WARN_S = 1.0
+"""A bare number (no unit) read as this many seconds or more draws a :class:`BareTimeWarning`
+where a time constant or duration is expected: rate-model time constants and phases are
+milliseconds to a few hundred milliseconds, so ``tau=10`` almost always meant 10 ms."""
+
+
+def to_seconds(value, where: str, *, allow_zero: bool = True, warn_bare: bool = False) -> float:
     """Convert a time parameter to seconds (float).
 
     Accepts a float/int (seconds), a brian2 quantity with the dimension of time (``10*ms``) or a
     string (``"10 ms"``, ``"0.1ms"``, ``"2 s"``). Raises :class:`ValidationError` naming
-    ``where`` for a wrong dimension, a negative or non-finite value, or an unknown unit.
+    ``where`` for a wrong dimension, a negative or non-finite value, or an unknown unit. With
+    ``warn_bare``, a number given without a unit that is :data:`BARE_TIME_WARN_S` (1 s) or more
+    draws a :class:`~neurosim.errors.BareTimeWarning` naming ``where``.
     """
     seconds = _convert(value, where, _TIME_UNITS, "time", "second")
     if seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValidationError(where, f"got {value!r}, expected a time {bound}.",
                               "times are in seconds unless a unit is given, e.g. '10 ms'.")
+    if warn_bare and seconds >= BARE_TIME_WARN_S and is_bare_number(value):
+        warnings.warn(f"{where}: the bare number {value!r} is read as {seconds:g} s (times without "
+                      f"a unit are in seconds). Write it with its unit: '{value} ms' if you meant "
+                      f"milliseconds, or '{value} s' to keep seconds and silence this warning.",
+                      BareTimeWarning, stacklevel=4)
     return seconds
+
+
+def is_bare_number(value) -> bool:
+    """True for a number given without a unit: int, float, numpy scalar or a numeric string."""
+    if isinstance(value, (bool, np.bool_)) or _is_brian_quantity(value):
+        return False
+    if isinstance(value, str):
+        return _PATTERN.match(value) is None
+    return isinstance(value, (int, float, np.number)) or getattr(value, "ndim", None) == 0
 
 
 def to_hertz(value, where: str, *, allow_zero: bool = True) -> float:

@@ -1,9 +1,14 @@
 """Results of the PEPITA / feedback-alignment family for docs/results.md: diagnostics runs,
 the table and the plots.
 
+    python scripts/rules_results.py campaign --out DIR [--epochs 10 --milestones 6 9 ...] | sh
     python scripts/rules_results.py diag   --out DIR [--data DIR] [--pepita-run DIR]
     python scripts/rules_results.py report --campaign DIR --diag DIR --figures DIR
                                            [--pepita-run DIR]
+    python scripts/rules_results.py table  --campaign DIR [--at 60] [--last10 grad_angle:W1]
+
+``campaign`` prints the ``neurosim run`` command of every run of a campaign (one per line, run
+directories ``DIR/<rule>_<dataset>-s<seed>``), for a shell or a job runner.
 
 ``diag`` computes (i) the angle between each rule's first-layer (and last-layer) update and the
 exact BP gradient over the first ``--trials`` minibatches of MNIST training (the
@@ -14,6 +19,11 @@ state and at a trained PEPITA state (the last checkpoint of ``--pepita-run``).
 ``report`` reads the campaign's run directories (``<rule>_<dataset>-s<seed>/``: metrics.csv,
 summary.json, traces.npz), prints the markdown table (mean +- std over seeds of the final test
 accuracy; slowness fits) and writes the plots.
+
+``table`` prints, per rule and dataset of a campaign folder, the number of seeds, the final and
+best test accuracy, the accuracy after chosen epochs (``--at``), the summary's slowness fit and
+the last record (``--last``) or the mean of the last ten records (``--last10``) of chosen
+monitors; mean +- sample std over seeds.
 """
 
 from __future__ import annotations
@@ -168,6 +178,7 @@ def slowness(args):
             ep_list, acc = [0.0], [1.0 / ds.n_classes]
             for epoch in range(args.epochs):
                 sim.set_lr(opt.lr_at(epoch))
+                sim.set_epoch(epoch)        # epoch schedules (weight mirroring), as training.run
                 order = shuffled_order(seed, epoch, n)
                 for j in range(0, T, args.eval_every):
                     sub = order[j * 64:min((j + args.eval_every) * 64, n)]
@@ -197,6 +208,81 @@ def _runs(campaign):
     return runs
 
 
+ORDER = ["bp", "fa", "dfa", "afa", "pepita", "pepita_wd", "pepita_norm", "pepita_wmctl",
+         "pepita_wm", "pepita_tl", "pepita_hebbian", "pepita_deep"]
+DATASETS = {"mnist": "mnist", "fmnist": "fashion-mnist"}
+
+
+def campaign(args):
+    """Print one ``neurosim run`` command per (rule, dataset, seed); the WM control is the WM
+    scenario with ``model.mirroring=false``."""
+    import shlex
+
+    sets = [f"training.epochs={args.epochs}"]
+    if args.milestones is not None:
+        sets.append(f"training.milestones=[{','.join(map(str, args.milestones))}]")
+    for rule in args.rules:
+        for ds in args.datasets:
+            for seed in args.seeds:
+                scen = f"scenarios/{'pepita_wm' if rule == 'pepita_wmctl' else rule}_{ds}.toml"
+                cmd = ["neurosim", "run", scen, "--no-progress"]
+                data = args.data_mnist if ds == "mnist" else args.data_fmnist
+                cmd += ["--data", data] if data else []
+                for item in [*sets, f"training.seed={seed}"] + (
+                        ["model.mirroring=false"] if rule == "pepita_wmctl" else []):
+                    cmd += ["--set", item]
+                cmd += ["--out", f"{args.out}/{rule}_{ds}-s{seed}"]
+                print(" ".join(shlex.quote(c) for c in cmd))
+    return 0
+
+
+def _ms(values, fmt="{:.2f}"):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "-"
+    text = fmt.format(np.mean(values))
+    return text + (f" +- {fmt.format(np.std(values, ddof=1))}" if len(values) > 1 else "")
+
+
+def table(args):
+    """The per-rule table of a campaign folder (markdown, to stdout)."""
+    runs = _runs(args.campaign)
+    head = ["rule", "dataset", "seeds", "final test acc. (%)", "best (epoch)"]
+    head += [f"acc. at epoch {e} (%)" for e in args.at]
+    head += ["slowness s (epochs)", "fit acc_max (%)"]
+    head += [f"{k}, last record" for k in args.last]
+    head += [f"{k}, mean of the last 10 records" for k in args.last10]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rule in ORDER:
+        for ds in DATASETS:
+            rs = runs.get((rule, ds), [])
+            if not rs:
+                continue
+            acc = [[float(m["test_accuracy"]) for m in r["metrics"]] for r in rs]
+            best = [(np.nanmax(a), int(np.nanargmax(a)) + 1) for a in acc]
+            cells = [LABEL[rule], ds, str(len(rs)), _ms([100 * a[-1] for a in acc]),
+                     _ms([100 * b for b, _ in best]) + " (" + ", ".join(str(e) for _, e in best)
+                     + ")"]
+            cells += [_ms([100 * a[e - 1] if len(a) >= e else None for a in acc])
+                      for e in args.at]
+            fits = [r["summary"].get("slowness") or {} for r in rs]
+            cells += [_ms([f.get("s") for f in fits], "{:.3f}"),
+                      _ms([100 * f["acc_max"] if "acc_max" in f else None for f in fits])]
+            for keys, tail in ((args.last, 1), (args.last10, 10)):
+                for key in keys:
+                    vals = []
+                    for r in rs:
+                        with np.load(r["dir"] / "traces.npz") as z:
+                            if f"{key}/values" in z.files:
+                                v = z[f"{key}/values"].astype(float)
+                                v = v[np.isfinite(v)]
+                                vals.append(v[-tail:].mean() if len(v) else None)
+                    cells.append(_ms(vals, "{:.1f}"))
+            lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return 0
+
+
 def _pepita_reference(run_dir, epochs):
     """Rows of the lead's 100-epoch PEPITA MNIST run (seed 0), cut at ``epochs``."""
     d = Path(run_dir)
@@ -220,8 +306,7 @@ def report(args):
         runs.setdefault(("pepita", "mnist"), []).append(_pepita_reference(args.pepita_run, epochs))
     figs = Path(args.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    order = ["bp", "fa", "dfa", "afa", "pepita", "pepita_wd", "pepita_norm", "pepita_wmctl",
-             "pepita_wm", "pepita_tl", "pepita_hebbian", "pepita_deep"]
+    order = ORDER
     lines = ["| rule | MNIST test acc. (%) | seeds | F-MNIST test acc. (%) | seeds |",
              "|---|---|---|---|---|"]
     curves = {}
@@ -462,9 +547,27 @@ def _grad_angle_over_training(runs, order, figs, epochs, plt):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("campaign", help="print the neurosim run command of every run")
+    c.add_argument("--out", required=True, help="campaign folder (run directories inside)")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--milestones", type=int, nargs="*", default=[6, 9],
+                   help="learning-rate decay epochs (default 6 9: the reference 60/90 of 100 "
+                        "compressed to 10 epochs)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--rules", nargs="+", default=ORDER, choices=ORDER)
+    c.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    c.add_argument("--data-mnist", default=None, help="MNIST folder (default: the lookup)")
+    c.add_argument("--data-fmnist", default=None, help="Fashion-MNIST folder (default: the "
+                   "lookup, which includes /usr/share/datasets/fashion-mnist)")
+    t = sub.add_parser("table", help="per-rule table of a campaign folder")
+    t.add_argument("--campaign", required=True)
+    t.add_argument("--at", type=int, nargs="*", default=[])
+    t.add_argument("--last", nargs="*", default=[], help="monitors: last record")
+    t.add_argument("--last10", nargs="*", default=[], help="monitors: mean of the last 10")
     d = sub.add_parser("diag")
     d.add_argument("--out", required=True)
-    d.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    d.add_argument("--data", default=None, help="the MNIST folder (default: the dataset lookup, "
+                   "$NEUROSIM_DATA/mnist or the user cache)")
     d.add_argument("--pepita-run", default=None)
     d.add_argument("--trials", type=int, default=938)
     d.add_argument("--every", type=int, default=10)
@@ -472,7 +575,7 @@ def main(argv=None):
     d.add_argument("--redo-cosine", action="store_true")
     w = sub.add_parser("slowness")
     w.add_argument("--out", required=True)
-    w.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    w.add_argument("--data", default=None, help="the MNIST folder (default: the dataset lookup)")
     w.add_argument("--epochs", type=int, default=3)
     w.add_argument("--eval-every", type=int, default=47, help="minibatches between evaluations")
     w.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -487,7 +590,8 @@ def main(argv=None):
                         "when the campaign used the same schedule)")
     r.add_argument("--slowness", default=None, help="output folder of the slowness command")
     args = ap.parse_args(argv)
-    return {"diag": diag, "slowness": slowness, "report": report}[args.cmd](args)
+    return {"diag": diag, "slowness": slowness, "report": report, "campaign": campaign,
+            "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,13 @@ MEANING = {
     "training.schedule": "`step` (milestones/gamma) or `linear_decay` (constant, then linear to "
                          "lr/epochs; Hinton's FF schedule)",
     "training.decay_start": "fraction of the epochs after which `linear_decay` starts",
+    "training.train_eval": "also evaluate (no dropout, no plasticity) the first N training "
+                           "samples whenever the test set is evaluated (metrics.csv "
+                           "`train_accuracy_eval`); 0: off",
     "training.max_weight": "divergence guard: a weight above this stops the run with an error",
     "training.seed": "root seed (weights, F, dropout masks, shuffling)",
+    "training.backend": "`numba` (compiled, default) or `numpy` (the reference backend: no "
+                        "compilation, slower; docs/engine.md)",
     "training.threads": "threads inside the kernels (docs/engine.md; use on idle cores)",
     "training.eval_every": "evaluate the test set every k epochs (and at the last)",
     "training.keep_checkpoints": "checkpoints kept on disk",
@@ -54,7 +59,8 @@ MEANING = {
                       "`angle:B1`, `grad_angle:W1` (angle of the rule's update to the BP "
                       "gradient), or a model's own (FF: `h1.goodness`)",
     "monitor.phase": "phase recorded (rates, drives; FF goodness); default: the first",
-    "monitor.every": "record every k steps or trials",
+    "monitor.every": "record every k steps or trials, or every x epochs (`\"0.1 epoch\"`: "
+                     "rounded to whole minibatches once the training-set size is known)",
     "monitor.per": "`step` or `trial` (default: step in time mode for rates, else trial)",
     "monitor.units": "[start, stop) of the units to record",
     "monitor.sample": "batch row recorded, or `mean` over the batch",
@@ -71,7 +77,8 @@ def _kind(kind) -> str:
             "float0": "number >= 0", "prob": "number in [0, 1)", "mom": "number in [0, 1)",
             "bool": "true / false", "str": "string", "time": "time (s, or \"10 ms\")",
             "list[int]": "list of integers", "sample": "integer >= 0 or `mean`",
-            "seed": "integer in [0, 2**63)"}.get(kind, kind)
+            "seed": "integer in [0, 2**63)",
+            "every": "integer >= 1 or \"x epoch\""}.get(kind, kind)
     return text + (", optional" if optional else "")
 
 

@@ -68,17 +68,26 @@ def _inside(path, folder: Path) -> bool:
 
 def deny_writes(monkeypatch, folder: Path) -> None:
     """Make ``folder`` read-only: ``chmod a-w`` for ordinary users; as root (who ignores the
-    mode) creating or writing a file or folder inside it fails with EACCES, as it would."""
+    mode) creating or writing a file or folder inside it (``os.open``, ``open``, ``os.mkdir``)
+    fails with EACCES, as it would."""
     folder = Path(folder).resolve()
     if not IS_ROOT:
         folder.chmod(0o555)
         return
-    real_open, real_mkdir = os.open, os.mkdir
+    import builtins
+
+    real_open, real_mkdir, real_builtin_open = os.open, os.mkdir, builtins.open
 
     def fake_open(path, flags, *a, **k):
         if _inside(path, folder) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
         return real_open(path, flags, *a, **k)
+
+    def fake_builtin_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and _inside(file, folder) and \
+                any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_builtin_open(file, mode, *a, **k)
 
     def fake_mkdir(path, *a, **k):
         if _inside(path, folder):
@@ -87,6 +96,7 @@ def deny_writes(monkeypatch, folder: Path) -> None:
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(builtins, "open", fake_builtin_open)
 
 
 def deny_search(monkeypatch, folder: Path) -> None:

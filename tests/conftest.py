@@ -64,7 +64,7 @@ def engine_masks(sim, net, nb):
     hidden = [n for n in net.circuit.populations if n.startswith("hidden")]
     if net.circuit.populations[hidden[0]].dropout == 0:
         return [1.0] * len(hidden)
-    return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
+    return [sim.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
 
 
 @pytest.fixture(scope="module")

@@ -400,3 +400,27 @@ def test_export_makes_the_compile_checks():
     p = Protocol((Phase("a", clamp={"nope": "x"}, duration="2 ms"),), mode="time", dt="1 ms")
     with pytest.raises(ValidationError, match=r"Phase\('a'\)\.clamp: no population 'nope'"):
         export_brian2(c, p)
+
+
+def test_crosscheck_out_writes_traces_table_and_overlay(tmp_path):
+    """``neurosim crosscheck --out DIR``: both simulators' traces (the same arrays the table
+    compares), the table and an overlay plot."""
+    import json
+
+    from neurosim.cli import main
+
+    out = tmp_path / "xc"
+    assert main(["crosscheck", str(SMALL), "--trials", "2", "--out", str(out),
+                 "--set", "simulation.phase_duration=\"5 ms\""]) == 0
+    table = json.loads((out / "crosscheck.json").read_text())
+    assert table["passed"] and table["rows"]
+    with np.load(out / "crosscheck_traces.npz") as z:
+        for row in table["rows"]:
+            key = row["variable"]
+            a, b, t = z[f"{key}/neurosim"], z[f"{key}/brian2"], z[f"{key}/t"]
+            assert a.shape == b.shape and len(t) == len(a) == 2 * 50     # 2 trials x 5 ms / 0.1 ms
+            ok = ~np.isnan(b)
+            assert np.max(np.abs(a[ok] - b[ok])) == pytest.approx(row["max_dev"])
+    png = out / "crosscheck.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert main(["crosscheck", str(SMALL), "--trials", "1", "--out", str(png)]) == 2  # a file

@@ -1,6 +1,6 @@
 """The ``neurosim validate`` and ``neurosim run`` command line (issue 2's CLI).
 
-The main run uses the genuine MNIST in ``../shared/data/mnist`` (skipped when absent); the
+The main run uses the genuine MNIST (``_tinyrun.genuine_mnist_dir``; skipped when absent); the
 override, error and clean-up tests use a tiny synthetic data set in MNIST's file format.
 """
 
@@ -23,7 +23,8 @@ from neurosim.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((REPO / "scenarios").glob("*.toml"))
-METRIC_COLUMNS = ["epoch", "test_accuracy", "train_accuracy", "lr", "samples_per_s", "wall_s"]
+METRIC_COLUMNS = ["epoch", "test_accuracy", "train_accuracy_running", "train_accuracy_eval", "lr",
+                  "samples_per_s", "wall_s"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_validate_reports_bad_scenarios_with_key_paths(tmp_path, capsys):
 
 # -- the real thing: PEPITA on MNIST, one short epoch ---------------------------------------------
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(),
-                    reason="the genuine MNIST is not in ../shared/data/mnist")
+                    reason=f"the genuine MNIST is not in {MNIST} (set NEUROSIM_DATA)")
 def test_run_pepita_mnist_real_data(tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "neurosim.cli", "run",
@@ -234,7 +235,7 @@ def test_corrupt_dataset_files_are_rejected_and_nothing_is_overwritten(tmp_path,
 
 
 @pytest.mark.skipif(not (MNIST / "train-labels-idx1-ubyte.gz").exists(),
-                    reason="the genuine MNIST is not in ../shared/data/mnist")
+                    reason=f"the genuine MNIST is not in {MNIST} (set NEUROSIM_DATA)")
 def test_checksum_mismatch_on_genuine_mnist(tmp_path, capsys):
     """With verification on (the default), a single changed label byte fails the SHA-256."""
     bad = tmp_path / "mnist"

@@ -23,7 +23,7 @@ import neurosim.datasets as D
 from neurosim.datasets import Dataset, load_dataset
 from neurosim.errors import DataError, ValidationError
 
-MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+from _tinyrun import MNIST as MNIST_DIR  # noqa: E402  ($NEUROSIM_DATA/mnist or ../shared/data/mnist)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX = D.IDX_FILES
 

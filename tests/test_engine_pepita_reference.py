@@ -1,7 +1,7 @@
 """The compiled steady-state PEPITA equals a plain numpy PEPITA written from the definition.
 
 The reference below (``_reference_pepita``) is a straightforward float64 reimplementation of
-/work/shared/reference/algorithms.md section 1; it shares no code with the engine's rule,
+docs/algorithms.md section 1; it shares no code with the engine's rule,
 compiler or kernels. The only engine pieces it borrows are the *inputs* of the algorithm: the
 initial weights (read from ``sim.weights`` before training) and, when dropout is on, the
 counter-based uniform numbers (``uniform01_reference`` with the key derived from the seed), so

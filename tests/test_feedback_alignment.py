@@ -102,7 +102,7 @@ def _masks(sim, net, nb):
     hidden = [n for n in net.circuit.populations if n.startswith("hidden")]
     if net.circuit.populations[hidden[0]].dropout == 0:
         return None
-    return [sim.plan.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
+    return [sim.view(f"{h}.mask", nb).astype(np.float64) for h in hidden]
 
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "afa"])

@@ -17,6 +17,7 @@ import pytest
 
 from neurosim.kernels import ops as K
 from neurosim.kernels.rng import uniform01_reference
+from neurosim.optable import encode
 
 KEY = np.uint64(0x1234_5678_9ABC_DEF0)
 
@@ -55,9 +56,9 @@ class Prog:
         self.flags.append(batch)
         return len(self.arrays) - 1
 
-    def op(self, code, ints=(), floats=()):
-        self.instr.append(([code] + list(ints) + [0] * (7 - len(ints)),
-                           list(floats) + [0.0] * (6 - len(floats))))
+    def op(self, name, **operands):
+        """An instruction encoded through the op table (operands by name)."""
+        self.instr.append(encode(name, **operands))
 
     def run(self, X=None, Y=None, order=None, trial0=0, n_trials=1, start=0, keys=(KEY,)):
         offs, total = [], 0
@@ -71,16 +72,18 @@ class Prog:
             bufs[i] = (offs[i], a.shape[0], a.shape[1], int(b))
         prog = np.array([p for p, _ in self.instr], np.int64).reshape(-1, 8)
         fprm = np.array([f for _, f in self.instr], np.float64).reshape(-1, 6)
-        blocks = np.array([[0, len(prog), 1, -1]], np.int64)
+        blocks = np.array([[0, len(prog), 1, -1, 0]], np.int64)
         if order is None:  # no data: every minibatch is full (nb = batch)
             order = np.zeros(0, np.int64) if Y is None else np.arange(len(Y), dtype=np.int64)
         X = np.zeros((1, 1), np.float32) if X is None else _f32(X)
         Y = np.zeros(1, np.int64) if Y is None else np.asarray(Y, np.int64)
         st = K.run_trials(mem, bufs, prog, fprm, blocks, X, Y, np.zeros((1, 1), np.float32),
                           order, start, n_trials, self.batch, trial0, 0,
-                          np.asarray(keys, np.uint64), np.zeros(1, np.float32),
-                          np.zeros(2, np.int64), np.zeros((1, 8), np.int64), np.zeros(1, np.int64),
-                          np.zeros(4, np.int64), np.zeros(8, np.int32), np.zeros(2, np.float32))
+                          np.asarray(keys, np.uint64), np.zeros(1, np.float64),
+                          np.zeros(1, np.float32), np.zeros(2, np.int64),
+                          np.zeros((1, 8), np.int64), np.zeros(1, np.int64),
+                          np.zeros(4, np.int64), np.zeros((1, 1), np.float32),
+                          np.zeros(8, np.int32), np.zeros(2, np.float32), 1, None)
         assert st == K.OK
         self.out = [mem[o:o + a.size].reshape(a.shape).copy() for o, a in zip(offs, self.arrays)]
         return self.out
@@ -148,7 +151,7 @@ def test_rms_normalization_is_scale_invariant_and_matches_row_normalize():
     np.testing.assert_allclose(a, b, rtol=1e-5)
     p = Prog(4)
     src, dst = p.buf(x, True), p.buf(np.zeros_like(x), True)
-    p.op(K.ROW_NORMALIZE, (dst, src), (K.RMS_EPS,))
+    p.op("ROW_NORMALIZE", dst=dst, src=src, eps=K.RMS_EPS)
     np.testing.assert_allclose(p.run()[dst], a, rtol=1e-6)
 
 
@@ -193,7 +196,7 @@ def test_sample_wrong_op():
     for t in range(trials):
         p = Prog(B)
         pr, dst = p.buf(P, True), p.buf(np.zeros((B, 1)), True)
-        p.op(K.SAMPLE_WRONG, (dst, pr, 0))
+        p.op("SAMPLE_WRONG", dst=dst, probs=pr, key=0)
         out = p.run(Y=Y, order=order, start=t * B, trial0=t)[dst][:, 0].astype(int)
         u = uniform01_reference(int(KEY), np.arange(B, dtype=np.uint64) + np.uint64(t * B))
         ys = Y[order[t * B:(t + 1) * B]]
@@ -224,14 +227,14 @@ def test_embed_label_and_wrong_label():
         xs = p.buf(np.zeros((B, D)), True)
         pos, neg, neu = (p.buf(np.zeros((B, D)), True) for _ in range(3))
         lab = p.buf(np.zeros((B, 1)), True)
-        p.op(K.GATHER, (xs, 0))
-        p.op(K.COPY, (pos, xs))
-        p.op(K.EMBED_LABEL, (pos, 0, 0, C), (1.0, 0.0))
-        p.op(K.WRONG_LABEL, (lab, 0, C))
-        p.op(K.COPY, (neg, xs))
-        p.op(K.EMBED_LABEL, (neg, 1, lab, C), (2.0, 0.0))
-        p.op(K.COPY, (neu, xs))
-        p.op(K.EMBED_LABEL, (neu, 0, 0, C), (0.1, 0.1))
+        p.op("GATHER", dst=xs, source=0)
+        p.op("COPY", dst=pos, src=xs)
+        p.op("EMBED_LABEL", dst=pos, source=0, ncls=C, on=1.0, off=0.0)
+        p.op("WRONG_LABEL", dst=lab, key=0, ncls=C)
+        p.op("COPY", dst=neg, src=xs)
+        p.op("EMBED_LABEL", dst=neg, source=1, labels=lab, ncls=C, on=2.0, off=0.0)
+        p.op("COPY", dst=neu, src=xs)
+        p.op("EMBED_LABEL", dst=neu, source=0, ncls=C, on=0.1, off=0.1)
         out = p.run(X=X, Y=Y, start=t * B, trial0=t)
         x, y = X[t * B:(t + 1) * B], Y[t * B:(t + 1) * B]
         want = x.copy()
@@ -267,14 +270,14 @@ def test_goodness_pipeline_ops():
     dr, y, G, q = p.buf(drive, True), p.buf(np.zeros((B, n)), True), p.buf(np.zeros((B, 1)), True), \
         p.buf(np.zeros((B, 1)), True)
     m, pv = p.buf(m0), p.buf(pv0)
-    p.op(K.APPLY, (y, dr, K.RELU))
-    p.op(K.ROW_SUMSQ, (G, y), (1.0,))
-    p.op(K.COL_MEAN, (m, y), (1 - d, d))
-    p.op(K.COPY, (q, G))
-    p.op(K.AFFINE, (q,), (-1.0 / T, theta / T))
-    p.op(K.APPLY, (q, q, K.SIGMOID))
-    p.op(K.ROW_SCALE, (y, q))
-    p.op(K.BIAS, (y, pv))
+    p.op("APPLY", dst=y, src=dr, code=K.RELU)
+    p.op("ROW_SUMSQ", dst=G, src=y, scale=1.0)
+    p.op("COL_MEAN", dst=m, src=y, alpha=1 - d, beta=d)
+    p.op("COPY", dst=q, src=G)
+    p.op("AFFINE", dst=q, s=-1.0 / T, c=theta / T)
+    p.op("APPLY", dst=q, src=q, code=K.SIGMOID)
+    p.op("ROW_SCALE", dst=y, s=q)
+    p.op("BIAS", dst=y, bias=pv)
     out = p.run()
     h = np.maximum(drive.astype(np.float64), 0)
     g = (h * h).sum(1, keepdims=True)
@@ -293,8 +296,8 @@ def test_onehot_and_guard():
     for trial, runs in ((0, True), (1, False), (2, True)):
         p = Prog(B)
         t = p.buf(np.full((B, C), 7.0), True)
-        p.op(K.GUARD, (2, 1))
-        p.op(K.ONEHOT, (t,), (1.0, -0.5))
+        p.op("GUARD", every=2, skip=1)
+        p.op("ONEHOT", dst=t, on=1.0, off=-0.5)
         out = p.run(Y=Y, start=4 * (trial % 2), trial0=trial)
         if runs:
             want = np.where(np.eye(C)[Y[4 * (trial % 2):4 * (trial % 2) + 4]] > 0, 1.0, -0.5)

@@ -393,8 +393,10 @@ every = 2
     assert len(rows) == 3 and rows[0].startswith("trial,goodness_accuracy")
     with np.load(out / "traces.npz") as z:
         assert z["g2n/values"].shape == (6, 1)       # 12 trials, every 2
-    metrics = (out / "metrics.csv").read_text().splitlines()
-    lr = [float(r.split(",")[3]) for r in metrics[1:]]
+    import csv
+
+    with open(out / "metrics.csv", newline="") as f:
+        lr = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lr == pytest.approx([0.005, 0.005 * 0.5])  # lr (1 - 0.9), linear decay over 2 epochs
     assert main(["run", "--resume", str(out), "--set", "training.epochs=3", "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["epochs_done"] == 3

@@ -1,7 +1,7 @@
 """Teacher-student simulations on the engine against the ODEs of neurosim.theory.
 
 Covers issue 4 parts 2-4: the engine's BP, FA, AFA and PEPITA rules realise the update equations
-of shared/reference/theory.md §1.2 (one step, exactly up to float32 rounding); the ODE starts
+of docs/theory-reference.md §1.2 (one step, exactly up to float32 rounding); the ODE starts
 from the simulated instance; ODE vs simulation (§7 items 7-10, 12, 13, and the plateau of item
 11 at simulation level); the scenario and its outputs.
 

@@ -1,4 +1,4 @@
-"""Tests of neurosim.theory against the validation checklist of shared/reference/theory.md §7.
+"""Tests of neurosim.theory against the validation checklist of docs/theory-reference.md §7.
 
 Every tolerance below is argued in a comment next to it: Monte Carlo checks use a multiple of the
 estimated standard error, integrator checks use the known order of the scheme, and the

@@ -5,7 +5,9 @@ For each monitored population variable (the scenario's ``[[monitor]]`` entries o
 ``pop.drive``; every population's ``r`` if it has none) and each phase, the tool prints the
 maximum absolute deviation between the two simulators relative to the variable's range over the
 compared samples, and exits with status 1 if any exceeds the tolerance (0 otherwise, 2 on a
-usage error).
+usage error). With ``--out DIR`` it also writes ``DIR/crosscheck_traces.npz`` (both simulators'
+traces of every compared variable, and the time axis), ``DIR/crosscheck.json`` (the table) and
+``DIR/crosscheck.png`` (the traces of both simulators overlaid, one panel per variable).
 
 Tolerance (default, see docs/interop.md): both simulators take the same explicit step, so the
 only difference is arithmetic: neurosim runs in float32, Brian2 in float64. Per step, float32
@@ -18,9 +20,12 @@ transfer functions.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +57,9 @@ def add_arguments(parser) -> None:
                         "simulators (softmax is not exported)")
     parser.add_argument("--no-dropout", action="store_true", help="set every population's "
                         "dropout to 0 in both simulators (dropout is not exported)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="also write both simulators' "
+                        "traces (crosscheck_traces.npz), the table (crosscheck.json) and an "
+                        "overlay plot (crosscheck.png) into DIR")
 
 
 def default_tolerance(circuit, protocol) -> tuple[float, str]:
@@ -116,10 +124,12 @@ def _inputs(settings, plan, trials, data_dir, seed):
 
 def crosscheck(settings: dict, *, trials: int = 3, tolerance: float | None = None,
                target: str = "numpy", data_dir=None, plasticity: bool = False,
-               softmax_as: str | None = None, no_dropout: bool = False, log=print) -> dict:
+               softmax_as: str | None = None, no_dropout: bool = False, out=None,
+               log=print) -> dict:
     """Run the comparison; returns a dict with ``rows`` (per variable), ``tolerance``,
-    ``max_rel`` and ``passed``. ``softmax_as`` / ``no_dropout`` modify the circuit in both
-    simulators (see :func:`~neurosim.interop.brian2_export.exportable_copy`)."""
+    ``max_rel`` and ``passed`` (and ``files`` written into ``out``, if given). ``softmax_as`` /
+    ``no_dropout`` modify the circuit in both simulators (see
+    :func:`~neurosim.interop.brian2_export.exportable_copy`)."""
     from .. import scenario as sc
     from ..compiler import compile_plan
     from ..monitors import Monitor
@@ -133,6 +143,9 @@ def crosscheck(settings: dict, *, trials: int = 3, tolerance: float | None = Non
                               "add --set simulation.mode=time.")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValidationError("--trials", f"got {trials!r}, expected an integer >= 1.")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValidationError("--out", f"{str(out)!r} exists and is not a folder.",
+                              "give a folder (it is created if missing).")
     circuit, protocol, rules, output = sc.build(settings)
     changed = []
     if softmax_as or no_dropout:
@@ -194,10 +207,12 @@ def crosscheck(settings: dict, *, trials: int = 3, tolerance: float | None = Non
     for n in notes:
         log(f"  note: {n}")
     log(f"  {'variable':<28} {'max |dev|':>10} {'range':>10} {'dev/range':>10}")
-    rows, worst = [], 0.0
+    rows, worst, pairs = [], 0.0, {}
     for pop, var, ph in variables:
-        a = np.asarray(traces[f"{pop}.{var}@{ph}"].values, np.float64)
+        key = f"{pop}.{var}@{ph}"
+        a = np.asarray(traces[key].values, np.float64)
         b = b2n.trace(pop, var, ph)
+        pairs[key] = (np.asarray(traces[key].t, np.float64), a, b)
         if a.shape != b.shape:
             raise RuntimeError(f"internal: {pop}.{var}@{ph} has {a.shape} rows in neurosim and "
                                f"{b.shape} in Brian2")
@@ -217,7 +232,83 @@ def crosscheck(settings: dict, *, trials: int = 3, tolerance: float | None = Non
     log(f"  time: Brian2 {t_b2:.2f} s (+ {t_export:.2f} s to build), neurosim {t_ns:.3f} s")
     log(f"{'PASS' if passed else 'FAIL'}: max deviation/range {worst:.2e} "
         f"{'<=' if passed else '>'} tolerance {tolerance:.2e}")
-    return dict(rows=rows, tolerance=tolerance, max_rel=worst, passed=passed)
+    res = dict(rows=rows, tolerance=tolerance, max_rel=worst, passed=passed)
+    if out is not None:
+        title = (f"crosscheck {settings['name']!r}: neurosim (float32) vs Brian2 "
+                 f"{b2n._b2.__version__} ({target}, float64), {trials} trial(s), "
+                 f"dt = {protocol.dt * 1e3:g} ms")
+        res["files"] = write_outputs(Path(out), pairs, rows, res, title, why)
+        for f in res["files"]:
+            log(f"  wrote {f}")
+    return res
+
+
+def write_outputs(out: Path, pairs: dict, rows: list, res: dict, title: str, why: str) -> list:
+    """``crosscheck_traces.npz`` (per variable ``<key>/t`` in s, ``<key>/neurosim`` and
+    ``<key>/brian2``, shape (steps, units)), ``crosscheck.json`` and ``crosscheck.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for key, (t, a, b) in pairs.items():
+        arrays[f"{key}/t"], arrays[f"{key}/neurosim"], arrays[f"{key}/brian2"] = t, a, b
+    tmp = out / "crosscheck_traces.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out / "crosscheck_traces.npz")
+    table = dict(title=title, tolerance=res["tolerance"], tolerance_reason=why,
+                 max_rel=res["max_rel"], passed=res["passed"], rows=rows)
+    (out / "crosscheck.json.tmp").write_text(json.dumps(table, indent=2))
+    os.replace(out / "crosscheck.json.tmp", out / "crosscheck.json")
+    return [out / "crosscheck_traces.npz", out / "crosscheck.json",
+            plot_overlay(out / "crosscheck.png", pairs, rows, title)]
+
+
+def plot_overlay(path: Path, pairs: dict, rows: list, title: str, max_units: int = 4) -> Path:
+    """One panel per variable: the first ``max_units`` units of neurosim (lines) and Brian2
+    (markers) against simulated time, with the deviation in the panel title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rel = {r["variable"]: r for r in rows}
+    n = len(pairs)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.8 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (key, (t, a, b)) in zip(axes.flat, pairs.items()):
+        # a phase is recorded only while it runs: break the lines between its runs
+        gap = np.flatnonzero(np.diff(t) > 1.5 * np.min(np.diff(t))) + 1 if len(t) > 1 else []
+        ms, a, b = (np.insert(np.asarray(v, np.float64), gap, np.nan, axis=0)
+                    for v in (1e3 * t, a, b))
+        every = max(1, len(t) // 40)
+        for u in range(min(a.shape[1] if a.ndim == 2 else 1, max_units)):
+            ya = a[:, u] if a.ndim == 2 else a
+            yb = b[:, u] if b.ndim == 2 else b
+            ax.plot(ms, ya, "-", lw=1.2, color=f"C{u}")
+            ax.plot(ms, yb, "o", ms=3.5, mfc="none", color=f"C{u}", markevery=every)
+        r = rel.get(key, {})
+        ax.set_title(f"{key}: max |dev| {r.get('max_dev', math.nan):.1e} "
+                     f"({r.get('rel', math.nan):.1e} of range)", fontsize=8)
+        ax.set_xlabel("simulated time (ms)")
+        ax.set_ylabel(("rate r" if key.split("@")[0].endswith(".r") else "drive")
+                      + " (model units)")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="k", lw=1.2, label="neurosim (float32)"),
+               Line2D([], [], color="k", marker="o", mfc="none", ls="none",
+                      label="Brian2 (float64)")]
+    handles += [Line2D([], [], color=f"C{u}", lw=3, label=f"unit {u}")
+                for u in range(min(max(a.shape[1] if a.ndim == 2 else 1
+                                       for _, a, _ in pairs.values()), max_units))]
+    axes.flat[0].legend(handles=handles, fontsize=7, loc="best")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def main(args) -> int:
@@ -228,6 +319,7 @@ def main(args) -> int:
         raise ValidationError("--tolerance", f"got {args.tolerance}, expected a number > 0.")
     res = crosscheck(settings, trials=args.trials, tolerance=args.tolerance, target=args.target,
                      data_dir=args.data, plasticity=args.plasticity,
-                     softmax_as=args.softmax_as, no_dropout=args.no_dropout)
+                     softmax_as=args.softmax_as, no_dropout=args.no_dropout,
+                     out=getattr(args, "out", None))
     sys.stdout.flush()
     return 0 if res["passed"] else 1

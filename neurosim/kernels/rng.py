@@ -13,14 +13,7 @@ import math
 import numpy as np
 from numba import njit
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
-_S40 = np.uint64(40)
-_INV24 = np.float32(1.0 / (1 << 24))
+from ..rng import _GOLDEN, _INV24, _M1, _M2, _S27, _S30, _S31, _S40  # noqa: E402  (one definition)
 
 
 @njit(cache=True, inline="always")
@@ -47,20 +40,5 @@ def normal01(key, counter):
     return np.float32(math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2))
 
 
-def normal01_reference(key: int, counters: np.ndarray) -> np.ndarray:
-    """numpy twin of :func:`normal01`."""
-    c = counters.astype(np.uint64)
-    u1 = 1.0 - uniform01_reference(key, np.uint64(2) * c).astype(np.float64)
-    u2 = uniform01_reference(key, np.uint64(2) * c + np.uint64(1)).astype(np.float64)
-    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
-
-
-def uniform01_reference(key: int, counters: np.ndarray) -> np.ndarray:
-    """numpy twin of :func:`uniform01` over an array of counters."""
-    with np.errstate(over="ignore"):
-        c = counters.astype(np.uint64)
-        z = np.uint64(key) + (c + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        z = z ^ (z >> _S31)
-    return (z >> _S40).astype(np.float32) * _INV24
+# the numpy twins live in neurosim.rng (no numba on the reference backend's path)
+from ..rng import normal01_reference, uniform01_reference  # noqa: E402,F401

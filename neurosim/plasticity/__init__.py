@@ -14,3 +14,6 @@ __all__ += ["Contrastive", "NormalizedPopulation", "PepitaHebbian", "ForwardForw
 from .pepita_variants import NormalizedPEPITA, PEPITATimeLocal, WeightMirroring
 
 __all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring"]
+from .local import Oja
+
+__all__ += ["Oja"]

@@ -5,7 +5,7 @@ pass and an **anti-Hebbian** term from the other (Srinivasan et al., ICLR 2024, 
 Hinton 2022). Written once, for every plastic projection ``W`` (post x pre), summed over the
 minibatch, in the descent direction the optimizer applies (``W <- W - lr dW / B``)::
 
-    dW = gain * ( (g_a * y_a)^T x_a  -  (g_h * y_h + p)^T x_h )  +  weight_cost * B * W
+    dW = gain * ( (g_a * y_a)^T x_a  -  (g_h * y_h + p)^T x_h  +  weight_cost * B * W )
 
 * ``x_a``, ``x_h``: the presynaptic rates held at the end of the anti-Hebbian and the Hebbian
   phase (for an RMS-normalised population, its normalised output: what the projection
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from ..circuit import ErrorPopulation, Population
 from ..errors import ValidationError
-from ..kernels import ops as K
+from ..optable import RMS_NORM, SOFTMAX
 from ..params import check_choice, check_float
 from .base import PlasticityRule, register_builder
 
@@ -66,7 +66,7 @@ class NormalizedPopulation(Population):
 
 def is_normalized(pop) -> bool:
     """Whether a population's output rate is RMS-normalised."""
-    return int(getattr(pop, "code", 0)) >= K.RMS_NORM
+    return int(getattr(pop, "code", 0)) >= RMS_NORM
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ def build_contrastive(pb, rule: Contrastive) -> None:
 
 def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
     """The body of :func:`build_contrastive`, shared with rules built on it. Returns, per
-    postsynaptic population, the per-sample goodness buffers ``{phase: buffer}`` (if any)."""
+    postsynaptic population, the per-sample goodness buffers ``{phase: buffer index}`` (if
+    any)."""
     cls = type(rule).__name__
     c = pb.circuit
     pb.require_phase(rule.hebbian, f"{cls}.hebbian")
@@ -195,7 +196,7 @@ def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
             raise ValidationError(f"{cls}.projections", f"projection {name!r} is fixed "
                                   "(plastic=False).")
         post = c.populations[proj.post]
-        if post.code == K.SOFTMAX and rule.target != proj.post:
+        if post.code == SOFTMAX and rule.target != proj.post:
             if rule.third_factor == "goodness" or rule.peer_normalization:
                 raise ValidationError(f"{cls}.projections", f"{name!r} ends in the softmax "
                                       f"population {proj.post!r}, which has no goodness.")
@@ -213,115 +214,83 @@ def emit_contrastive_updates(pb, rule: Contrastive) -> dict:
             raise ValidationError(f"{cls}.target", f"no (non-error) population {rule.target!r}.")
     goodness = {}
     with pb.at("trial_end"):
-        target_buf = None
+        t = None
         for post, projs in by_post.items():
-            terms = []  # (sign, buffer of the scaled postsynaptic factor, phase)
-            for sign, phase in ((+1.0, rule.anti_hebbian), (-1.0, rule.hebbian)):
-                if sign < 0 and post == rule.target:
-                    if target_buf is None:
-                        target_buf = _target(pb, rule)
-                    terms.append((sign, target_buf, phase))
-                    continue
-                y, own = _activity(pb, rule, post, phase, sign)
-                peer = sign < 0 and rule.peer_normalization > 0.0
-                if (rule.third_factor == "goodness" or peer) and not own:
-                    y = _copy(pb, rule, post, phase, sign, y)
-                pv = _peer_vector(pb, rule, post, y) if peer else None  # from unscaled y
-                if rule.third_factor == "goodness":
-                    goodness.setdefault(post, {})[phase] = _goodness_factor(
-                        pb, rule, post, phase, sign, y)
-                if pv is not None:
-                    pb.emit(K.BIAS, (y, pv), (), f"population {post!r} (peer normalisation)")
-                terms.append((sign, y, phase))
-            (sa, ya, pha), (sh, yh, phh) = terms
+            ya = _postsynaptic(pb, rule, post, rule.anti_hebbian, False, goodness)
+            if post == rule.target:     # the delta rule's target replaces the Hebbian term
+                t = t if t is not None else _target(pb, rule)
+                yh = t
+            else:
+                yh = _postsynaptic(pb, rule, post, rule.hebbian, True, goodness)
             diff = None
             for proj in projs:
-                dW, beta = pb.grad(proj.name)
-                xa = pb.rate(proj.pre_population, proj.pre_phase or pha)
-                xh = pb.rate(proj.pre_population, proj.pre_phase or phh)
-                where = f"projection {proj.name!r}"
-                if xa == xh:  # one presynaptic factor: dW = (y_a - y_h)^T x
-                    if diff is None:
-                        diff = pb.scratch(f"{rule.name}.{post}.contrast", c.populations[post].size)
-                        pb.sub(diff, ya, yh, where)
-                    pb.gemm(dW, diff, xa, trans_a=True, alpha=rule.gain, beta=beta, where=where)
+                xa = pb.r(proj.pre_population, proj.pre_phase or rule.anti_hebbian)
+                xh = pb.r(proj.pre_population, proj.pre_phase or rule.hebbian)
+                if xa.index == xh.index:    # one presynaptic factor: (y_a - y_h)^T x
+                    diff = diff if diff is not None else pb.let(ya - yh)
+                    dW = diff.T @ xa
                 else:
-                    pb.gemm(dW, ya, xa, trans_a=True, alpha=sa * rule.gain, beta=beta, where=where)
-                    pb.gemm(dW, yh, xh, trans_a=True, alpha=sh * rule.gain, beta=1.0, where=where)
+                    dW = ya.T @ xa - yh.T @ xh
                 if rule.weight_cost > 0.0 and proj.name not in rule.bias_projections:
-                    pb.axpy(dW, pb.weight(proj.name), rule.weight_cost * pb.batch * rule.gain,
-                            where)
+                    dW = dW + rule.weight_cost * pb.batch * pb.W(proj.name)
+                pb.update(proj.name, rule.gain * dW)
     return goodness
 
 
 # -- pieces ---------------------------------------------------------------------------------------
-def _activity(pb, rule, post, phase, sign):
-    """Buffer of the postsynaptic activity f(drive) in ``phase``; ``own`` tells whether it is a
-    scratch buffer of this rule (free to scale in place) or a population's held rate."""
+def activity(pb, post, phase, mask=True):
+    """Handle of the postsynaptic activity ``f(drive)`` of ``post`` in ``phase``: the held rate,
+    or, for an RMS-normalised population, ``f`` of its drive (times its dropout mask, if any and
+    ``mask``)."""
     pop = pb.circuit.populations[post]
     if not is_normalized(pop):
-        return pb.rate(post, phase), False
-    y = pb.scratch(_key(rule, post, phase, sign, "y"), pop.size)
-    pb.emit(K.APPLY, (y, pb.drive(post, phase), pop.code - K.RMS_NORM), (),
-            f"population {post!r} (activity)")
-    if pop.dropout > 0:
-        pb.mul(y, y, pb.buffer(f"{post}.mask", 0, pop.size, True))
-    return y, True
-
-
-def _copy(pb, rule, post, phase, sign, src):
-    y = pb.scratch(_key(rule, post, phase, sign, "y"), pb.circuit.populations[post].size)
-    pb.copy(y, src)
+        return pb.r(post, phase)
+    y = pb.a(post, phase).apply(pop.code - RMS_NORM)
+    if mask and pop.dropout > 0:
+        y = y * pb.mask(post)
     return y
 
 
-def _goodness_factor(pb, rule, post, phase, sign, y):
-    """Per-sample goodness G = sum y^2 (kept) and, scaling ``y`` in place, the factor
-    1 - sigmoid((G - theta)/T) (Hebbian, sign -1) or sigmoid((G - theta)/T) (anti-Hebbian)."""
+def _postsynaptic(pb, rule, post, phase, hebbian, goodness):
+    """Handle of one term's postsynaptic factor: ``g y`` (anti-Hebbian) or ``g y + p``
+    (Hebbian; ``p`` only with peer normalisation), computed here, once."""
+    y = pb.let(activity(pb, post, phase), f"population {post!r} (activity)")
+    out = y
+    if rule.third_factor == "goodness":
+        G = pb.let(y.sumsq(), f"population {post!r} (goodness)")
+        goodness.setdefault(post, {})[phase] = G.index
+        out = y * _goodness_factor(pb, rule, post, G, hebbian)
+    if hebbian and rule.peer_normalization > 0.0:
+        out = out + _peer_term(pb, rule, post, y)     # from the unscaled activity
+    return pb.let(out, f"population {post!r} ({'Hebbian' if hebbian else 'anti-Hebbian'} term)")
+
+
+def _goodness_factor(pb, rule, post, G, hebbian):
+    """``1 - p`` (Hebbian term) or ``p`` (anti-Hebbian term), ``p = sigmoid((G - theta) / T)``
+    from the per-sample goodness ``G`` = sum_j y_j^2."""
     n = pb.circuit.populations[post].size
     theta = float(n) if rule.threshold is None else rule.threshold
     T = rule.temperature
-    G = pb.scratch(_key(rule, post, phase, sign, "G"), 1)
-    q = pb.scratch(_key(rule, post, phase, sign, "q"), 1)
-    where = f"population {post!r} (goodness)"
-    pb.emit(K.ROW_SUMSQ, (G, y), (1.0,), where)
-    pb.copy(q, G, where)
-    s = 1.0 if sign > 0 else -1.0        # sigmoid(s (G - theta) / T)
-    pb.emit(K.AFFINE, (q,), (s / T, -s * theta / T), where)
-    pb.emit(K.APPLY, (q, q, K.SIGMOID), (), where)
-    pb.emit(K.ROW_SCALE, (y, q), (), where)
-    return G
+    s = -1.0 if hebbian else 1.0      # 1 - sigmoid(z) = sigmoid(-z)
+    return ((s / T) * G - s * theta / T).apply("sigmoid")
 
 
-def _peer_vector(pb, rule, post, y):
-    """Update the running mean activity ``m <- d m + (1 - d) mean_b y`` (``y`` unscaled) and
-    return the buffer of ``lambda (mean_units(m) - m)``, to add to every row of the term."""
+def _peer_term(pb, rule, post, y):
+    """Update the running mean activity ``m <- d m + (1 - d) mean_b y`` and return
+    ``p = lambda (mean_units(m) - m)``, a row added to every row of the Hebbian term."""
     n = pb.circuit.populations[post].size
-    lam = rule.peer_normalization
+    lam, d = rule.peer_normalization, rule.peer_decay
     where = f"population {post!r} (peer normalisation)"
-    m = pb.persistent(f"{rule.name}.{post}.peer_mean", 1, n, init=[[rule.peer_init] * n])
-    ones_c = pb.persistent(f"{rule.name}.ones{n}.col", n, 1, init=[[1.0]] * n)
-    ones_r = pb.persistent(f"{rule.name}.ones{n}.row", 1, n, init=[[1.0] * n])
-    mbar = pb.scratch(f"{rule.name}.{post}.peer_mbar", 1, rows=1)
-    pv = pb.scratch(f"{rule.name}.{post}.peer", n, rows=1)
-    pb.emit(K.COL_MEAN, (m, y), (1.0 - rule.peer_decay, rule.peer_decay), where)
-    pb.gemm(mbar, m, ones_c, alpha=1.0 / n, where=where)
-    pb.gemm(pv, mbar, ones_r, alpha=lam, where=where)
-    pb.axpy(pv, m, -lam, where)
-    return pv
+    m = pb.state(f"{rule.name}.{post}.peer_mean", 1, n, init=[[rule.peer_init] * n])
+    pb.assign(m, d * m + (1.0 - d) * y.mean(0), where)
+    return -lam * (m - m.mean())
 
 
 def _target(pb, rule):
     """One-hot target of the trial's labels, made at trial start."""
     n = pb.circuit.populations[rule.target].size
-    t = pb.scratch(f"{rule.name}.target", n)
     with pb.at("trial_start"):
-        pb.emit(K.ONEHOT, (t,), (1.0, 0.0), f"{type(rule).__name__} target")
-    return t
-
-
-def _key(rule, post, phase, sign, what):
-    return f"{rule.name}.{post}.{'anti' if sign > 0 else 'hebb'}.{phase}.{what}"
+        return pb.onehot(f"{rule.name}.target", n)
 
 
 # -- PEPITA-Hebbian as a configuration ------------------------------------------------------------

@@ -113,13 +113,6 @@ def _chain(pb, rule):
     return projs[::-1], pops[::-1]
 
 
-def _fprime(pb, dst, pop, phase):
-    """dst *= f'(a_pop) [* mask]."""
-    pb.deriv(dst, pb.drive(pop, phase), pop)
-    if pb.circuit.populations[pop].dropout > 0:
-        pb.mul(dst, dst, pb.buffer(f"{pop}.mask", 0, pb.circuit.populations[pop].size, True))
-
-
 @register_builder(BP)
 @register_builder(FA)
 @register_builder(DFA)
@@ -129,51 +122,42 @@ def build_feedback_alignment(pb, rule):
     projs, pops = _chain(pb, rule)
     ph = rule.phase
     L = len(projs)
-    err = pb.rate(rule.error, ph)
     kind = type(rule).__name__
+    gain = [c.projections[p].gain for p in projs]
     with pb.at("trial_end"):
-        # deltas[l] for layer index l (0-based: projs[l] maps pops[l] -> pops[l+1])
-        delta = {L - 1: err}
+        e = pb.r(rule.error, ph)
+        # delta[l]: the error signal at the output of projs[l] (pops[l + 1]); h_l = pb.r(pops[l])
+        delta = {L - 1: e}
         if kind == "AFA":
             fb = pb.require_projection(rule.feedback, "AFA.feedback")
             if fb.post != pops[0]:
                 raise ValidationError("AFA.feedback", f"{fb.name!r} projects to {fb.post!r}, "
                                       f"expected the input population {pops[0]!r}.")
-            u = pb.scratch(f"{rule.name}.u0", c.populations[pops[0]].size)
-            # u_0 = s e F^T   (F is (d_in, n_out)); u_l = (u_{l-1} W_l^T) * f'(a_l);
-            # delta_l = -u_l, applied as alpha = -1 in the update GEMM below
-            pb.gemm(u, err, pb.weight(fb.name), trans_b=True, alpha=fb.gain)
+            # u_0 = s e F^T; u_l = (g_l u_{l-1} W_l^T) f'(a_l); delta_l = -u_l (sign in update)
+            u = pb.let(fb.gain * (e @ pb.W(fb.name).T))
             for l in range(L - 1):
-                nxt = pb.scratch(f"{rule.name}.u{l + 1}", c.populations[pops[l + 1]].size)
-                pb.gemm(nxt, u, pb.weight(projs[l]), trans_b=True,
-                        alpha=c.projections[projs[l]].gain)
-                _fprime(pb, nxt, pops[l + 1], ph)
-                delta[l] = nxt
-                u = nxt
+                u = delta[l] = pb.let(gain[l] * (u @ pb.W(projs[l]).T) * pb.fprime(pops[l + 1], ph))
         else:
             for l in range(L - 2, -1, -1):
-                d = pb.scratch(f"{rule.name}.delta{l}", c.populations[pops[l + 1]].size)
-                if kind == "BP":
-                    pb.gemm(d, delta[l + 1], pb.weight(projs[l + 1]),
-                            alpha=c.projections[projs[l + 1]].gain)
-                elif kind == "FA":
-                    post, pre = c.shape_of(c.projections[projs[l + 1]])
-                    B = rule.feedback_init.sample((post, pre),
-                                                  component_rng(pb.seed, f"{rule.name}:B:{projs[l + 1]}"))
-                    Bi = pb.persistent(f"{rule.name}.{projs[l + 1]}.B", post, pre, init=B)
-                    pb.gemm(d, delta[l + 1], Bi)
-                else:  # DFA
-                    n_out, n_l = c.populations[pops[-1]].size, c.populations[pops[l + 1]].size
-                    D = rule.feedback_init.sample((n_out, n_l),
-                                                  component_rng(pb.seed, f"{rule.name}:D:{pops[l + 1]}"))
-                    Di = pb.persistent(f"{rule.name}.{pops[l + 1]}.D", n_out, n_l, init=D)
-                    pb.gemm(d, err, Di)
-                _fprime(pb, d, pops[l + 1], ph)
-                delta[l] = d
+                fp = pb.fprime(pops[l + 1], ph)
+                if kind == "BP":      # delta_l = g_{l+1} (delta_{l+1} W_{l+1}) f'(a_l)
+                    back = gain[l + 1] * (delta[l + 1] @ pb.W(projs[l + 1]))
+                elif kind == "FA":    # a fixed random B_{l+1} in place of W_{l+1}
+                    back = delta[l + 1] @ _fixed(pb, rule, f"{rule.name}.{projs[l + 1]}.B",
+                                                 f"{rule.name}:B:{projs[l + 1]}",
+                                                 c.shape_of(c.projections[projs[l + 1]]))
+                else:                 # DFA: the output error through a fixed random D_l
+                    back = e @ _fixed(pb, rule, f"{rule.name}.{pops[l + 1]}.D",
+                                      f"{rule.name}:D:{pops[l + 1]}",
+                                      (c.populations[pops[-1]].size, c.populations[pops[l + 1]].size))
+                delta[l] = pb.let(back * fp)
         for l in range(L):
-            dW, beta = pb.grad(projs[l])
-            if kind == "AFA":   # PEPITA's update, to first order: no gain factor
-                alpha = -1.0 if l < L - 1 else 1.0
-            else:               # d drive / dW = gain * pre
-                alpha = c.projections[projs[l]].gain
-            pb.gemm(dW, delta[l], pb.rate(pops[l], ph), trans_a=True, alpha=alpha, beta=beta)
+            # AFA: PEPITA's update to first order (no gain factor); else d drive / dW = g pre
+            alpha = (-1.0 if l < L - 1 else 1.0) if kind == "AFA" else gain[l]
+            pb.update(projs[l], alpha * (delta[l].T @ pb.r(pops[l], ph)))
+
+
+def _fixed(pb, rule, name, stream, shape):
+    """A fixed random feedback matrix (rule state), drawn from the seed's stream ``stream``."""
+    return pb.state(name, *shape, init=rule.feedback_init.sample(shape,
+                                                                 component_rng(pb.seed, stream)))

@@ -40,11 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ValidationError
-from ..kernels import ops as K
+from ..optable import SOFTMAX
 from ..monitors import AbstractMonitor
 from ..params import check_choice, check_float, check_int
 from .base import register_builder
-from .contrastive import Contrastive, emit_contrastive_updates, is_normalized
+from .contrastive import Contrastive, activity, emit_contrastive_updates, is_normalized
 
 NEGATIVES = ("uniform", "hard")
 
@@ -142,24 +142,22 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
         raise ValidationError("ForwardForward", f"the phases {sorted(phases.values())} must "
                               f"present distinct stimuli to {rule.input!r} (got {stim}); each "
                               "gets its own label.")
-    n = inp.size
-    buf = {role: pb.buffer(f"stim.{s}", 0, n, True) for role, s in stim.items()}
+    x = {role: pb.stim(s) for role, s in stim.items()}
     ls = rule.label_strength
-    lab = pb.scratch(f"{rule.name}.negative_label", 1)
-    where = "ForwardForward labels"
+    lab_name, stream = f"{rule.name}.negative_label", f"{rule.name}:negatives"
     with pb.at("trial_start"):
-        pb.emit(K.EMBED_LABEL, (buf["positive"], 0, 0, C), (ls, 0.0), where)
-        if "neutral" in buf:
-            pb.copy(buf["neutral"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["neutral"], 0, 0, C), (ls / C, ls / C), where)
+        pb.embed_label(x["positive"], C, on=ls)                       # the true label
+        if "neutral" in x:
+            pb.assign(x["neutral"], x["positive"])
+            pb.embed_label(x["neutral"], C, on=ls / C, off=ls / C)   # every label, equally
         if rule.negatives == "uniform":
-            pb.emit(K.WRONG_LABEL, (lab, pb.key(f"{rule.name}:negatives"), C), (), where)
-            pb.copy(buf["negative"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["negative"], 1, lab, C), (ls, 0.0), where)
+            wrong = pb.wrong_labels(lab_name, C, stream)
+            pb.assign(x["negative"], x["positive"])
+            pb.embed_label(x["negative"], C, on=ls, labels=wrong)
     names = [p.name for p in protocol.phases]
     if rule.readout is not None:
         ro = c.populations.get(rule.readout)
-        if ro is None or ro.code != K.SOFTMAX or ro.size != C:
+        if ro is None or ro.code != SOFTMAX or ro.size != C:
             raise ValidationError("ForwardForward.readout", f"{rule.readout!r} must be a softmax "
                                   f"population of {C} units.")
         if rule.neutral is None:
@@ -171,14 +169,12 @@ def _emit_labels(pb, rule: ForwardForward) -> None:
                                   f"end of {rule.neutral!r}, which must come before the negative "
                                   f"phase {rule.anti_hebbian!r} (order {names}).")
         with pb.at(f"{rule.neutral}:post"):
-            pb.emit(K.SAMPLE_WRONG, (lab, pb.rate(rule.readout, rule.neutral),
-                                     pb.key(f"{rule.name}:negatives")), (), where)
-            pb.copy(buf["negative"], buf["positive"], where)
-            pb.emit(K.EMBED_LABEL, (buf["negative"], 1, lab, C), (ls, 0.0), where)
+            wrong = pb.wrong_labels(lab_name, C, stream, probs=pb.r(rule.readout, rule.neutral))
+            pb.assign(x["negative"], x["positive"])
+            pb.embed_label(x["negative"], C, on=ls, labels=wrong)
     if rule.readout is not None:
         with pb.at(f"{rule.neutral}:post"):
-            pb.emit(K.COUNT_CORRECT, (pb.rate(rule.readout, rule.neutral),
-                                      pb.buffer("stats.correct", 1, 2)), (), "training accuracy")
+            pb.count_correct(pb.r(rule.readout, rule.neutral))
 
 
 @dataclass(frozen=True)
@@ -233,16 +229,9 @@ class Goodness(AbstractMonitor):
         if pop is None:
             raise ValidationError(f"{where}.population", f"no population {self.population!r}.")
         pb.require_phase(self.phase, f"{where}.phase")
-        a = pb.scratch(f"monitor{index}.activity", pop.size)
-        G = pb.scratch(f"monitor{index}.goodness", 1)
         with pb.at("trial_end"):
-            pb.emit(K.GUARD, (self.every, 2), (), where)
-            if is_normalized(pop):
-                pb.emit(K.APPLY, (a, pb.drive(self.population, self.phase),
-                                  pop.code - K.RMS_NORM), (), where)
-            else:
-                pb.copy(a, pb.rate(self.population, self.phase), where)
-            pb.emit(K.ROW_SUMSQ, (G, a), (1.0,), where)
-            pb.emit(K.RECORD, (G, index, 1), (), where)
+            with pb.every(self.every, where):
+                G = pb.let(activity(pb, self.population, self.phase, mask=False).sumsq(), where)
+            pb.record(index, G)
         return dict(key=self.key, kind="var", size=1, per="trial", every=self.every, u0=0,
                     sample=-1, phase=self.phase)

@@ -98,31 +98,20 @@ def build_pepita(pb, rule: PEPITA):
         if pb.protocol.mode != "time":
             raise ValidationError("PEPITA.timing", "'continuous' needs a time-mode protocol.",
                                   "use timing='end' in steady mode.")
-        n = pb.protocol.n_steps(pb.protocol.phase(rule.modulated))
-        section, alpha = f"{rule.modulated}:loop", 1.0 / n
+        # the time average of the live modulated-pass update over the phase's steps
+        section = f"{rule.modulated}:loop"
+        alpha = 1.0 / pb.protocol.n_steps(pb.protocol.phase(rule.modulated))
     else:
         section, alpha = "trial_end", 1.0
-    grads = {}
-    if rule.timing == "continuous":
-        with pb.at(f"{rule.modulated}:pre"):
-            for name in rule.modifies(pb):
-                pb.require_projection(name, "PEPITA.projections")
-                grads[name] = pb.grad(name)[0]
-                pb.zero(grads[name])
     with pb.at(section):
         for name in rule.modifies(pb):
             proj = pb.require_projection(name, "PEPITA.projections")
-            pre = pb.rate(proj.pre_population, pre_phase)
-            if rule.timing == "continuous":
-                dW, beta = grads[name], 1.0
-            else:
-                dW, beta = pb.grad(name)
-            if proj.post == err.output:
-                post = pb.rate(err.name, err_phase)
-            else:
-                post = pb.scratch(f"{rule.name}.{name}.delta", c.populations[proj.post].size)
-                pb.sub(post, pb.rate(proj.post, rule.clean), pb.rate(proj.post, rule.modulated))
-            pb.gemm(dW, post, pre, trans_a=True, alpha=alpha, beta=beta)
+            x = pb.r(proj.pre_population, pre_phase)
+            if proj.post == err.output:     # e^T x  (e: modulated or clean output error)
+                post = pb.r(err.name, err_phase)
+            else:                           # (h - h~)^T x
+                post = pb.r(proj.post, rule.clean) - pb.r(proj.post, rule.modulated)
+            pb.update(name, alpha * (post.T @ x))
 
 
 def _check_sign(pb, rule, err):

@@ -1,5 +1,5 @@
 """PEPITA variants of Srinivasan et al. (ICLR 2024), each one description + one build function
-on the same engine (algorithms.md 1.1, 1.2):
+on the same engine (algorithms.md 1.1, 1.2), written as array expressions (:mod:`neurosim.expr`):
 
 * :class:`NormalizedPEPITA` -- activation normalization: every hidden activity divided by its
   norm, per sample (default) or by the Frobenius norm of the whole batch matrix (the released
@@ -26,19 +26,30 @@ and forms the updates from normalized activities. Classification (argmax) is unc
 positive per-sample / per-batch scalings, so inference needs no change. Other transfers or biased
 populations are refused.
 
-How weight mirroring is scheduled. The mirroring step for trial n runs at the start of trial n+1
-(after trial n's optimizer step, which the compiler emits last in ``trial_end``), before the clean
-pass. Epoch-level schedules (pre-mirroring epochs with no W update, mirroring only every k-th
-epoch) are evaluated in the compiled program from a persistent trial counter and
-``trials_per_epoch`` (known when the scenario is built) with scalar arithmetic: gates g in {0, 1}
-multiply the mirroring noise and, during pre-mirroring, the rules' weight updates. The rescaling of
-the factors by ``(sd_F / std(F))^(1/L)`` needs a root of a scalar, computed by division-free
-Newton steps for the inverse 2L-th root of ``w = mean(F^2) / sd_F^2``, started below the root at
-``y0 = ((2L + 1) / 1e4)^(1/2L)`` (monotone convergence for any 0 < w < 1e4; ``newton_steps``
-= 20 reach float32 precision for 1e-2 <= w <= 1e3, i.e. std(F) within a factor 30 of sd_F
-after a mirroring step; checked in tests/test_pepita_variants.py). The decay ``B_l *= 1 - lr wd``
-multiplies F by a constant that the rescaling undoes, so it is folded into the step size:
-``B_l <- g (B_l + lr / (1 - lr wd) xi^T y / B)``, identical to decaying, adding
+How weight mirroring is scheduled. The mirroring step runs at the start of every trial
+(``trial_start``, after the trial's dropout masks are drawn: it uses that trial's masks and noise
+counters), i.e. after the previous trial's optimizer step (which the compiler emits last in
+``trial_end``) and before this trial's clean pass. The epoch schedule is two scalar slots set by
+:meth:`~neurosim.Simulator.set_epoch` (``training.run`` calls it every epoch; a loop that drives
+``Simulator.train`` by hand must call ``sim.set_epoch(e)`` before each epoch): ``<name>.mirror``
+is 1 in a pre-mirroring epoch (``e < P``) or a mirroring epoch (``(e - P) % k == 0``), else 0,
+and multiplies the mirroring noise; ``<name>.update`` is 0 in the pre-mirroring epochs, else 1,
+and multiplies the updates of the rules listed before this one. A step is gated by the epoch in
+which it runs, so in a mirroring epoch the steps run at the starts of its T minibatches: the
+first follows the last minibatch of the epoch before, and the last minibatch of the epoch is
+followed by a step only if the next epoch mirrors too. (Up to version 1 the gates were computed
+in the program from a trial counter and ``trials_per_epoch``, and after pre-mirroring the step at
+the start of trial n was gated by trial n - 1's epoch: the steps are now shifted by one trial at
+every boundary between a mirroring and a non-mirroring epoch, there is one more step at the start
+of epoch P, before its first weight update, and with ``P = 0, k > 1`` one at the start of trial
+0, as without a schedule. Epochs inside one regime are unchanged, and so is every run without a
+schedule.) Gated off, the step still rescales F (by a factor 1 up to rounding).
+
+Rescaling. After the factor updates F = B_1 ... B_L is recomputed and every B_l multiplied by
+``g = (sd_F^2 / mean(F^2))^(1/(2L))`` (one ``pow``), F by ``g^L = sd_F / rms(F)`` (one
+``rsqrt``), with ``sd_F = f_scale sqrt(2 / d_in)``. The decay ``B_l *= 1 - lr wd`` multiplies F
+by a constant that the rescaling undoes, so it is folded into the step size:
+``B_l <- B_l + lr / (1 - lr wd) mean_b xi_b^T y_b``, identical to decaying, adding
 ``lr xi^T y / B`` and rescaling.
 
 Mirroring noise. ``noise_dist = "gaussian"`` draws the reference's ``noise * randn`` (counter-based
@@ -52,12 +63,12 @@ docs/results.md used the default. Either way ``xi -= mean(xi)`` follows.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
-
-from ..errors import CompileError, ValidationError
-from ..kernels import ops as K
+from ..errors import CompileError, NeurosimWarning, ValidationError
+from ..expr import Buf
 from ..params import check_choice, check_float, check_int
 from .base import PlasticityRule, register_builder
 from .optim import SGD
@@ -90,49 +101,18 @@ def _layered_chain(pb, error_name, where):
     return projs[::-1], pops[::-1]
 
 
-def _const(pb, name, rows, cols, value):
-    """A persistent constant buffer (never written by any instruction)."""
-    return pb.persistent(f"const.{name}", rows, cols, init=np.full((rows, cols), value, np.float32))
+def _sgd_step(pb, name, update, opt, tag, wd):
+    """Write ``update`` into projection ``name``'s own update buffer ``<name>.<tag>.dW`` and emit
+    an SGD-with-momentum step with its own velocity ``<name>.<tag>.V`` (so several steps per
+    trial do not share one); the compiler's fusion pass folds the momentum update into the GEMM
+    when nothing else reads dW and ``wd == 0``. Returns the update's handle."""
+    from ..compiler import emit_sgd
 
-
-def _ones_batch(pb):
-    """A batch-shaped (B, 1) column of ones (its view has the minibatch's nb rows)."""
-    return pb.buffer("const.ones_batch", pb.batch, 1, True,
-                     init=np.ones((pb.batch, 1), np.float32))
-
-
-def _col_of(pb, name, rows, scalar):
-    """Emit: a (rows, 1) persistent column filled with the (1, 1) buffer ``scalar``."""
-    col = pb.persistent(f"{name}.col{rows}", rows, 1)
-    pb.gemm(col, _const(pb, f"ones{rows}x1", rows, 1, 1.0), scalar)
-    return col
-
-
-def _fused_or_plain_step(pb, name, post, pre, alpha, opt, section_tag, wd, fuse=True):
-    """Emit ``dW = alpha post^T pre`` and an SGD-with-momentum step of projection ``name`` with
-    its own velocity buffer ``<name>.<tag>.V`` (so several steps per trial do not share one)."""
-    c = pb.circuit
-    shape = c.shape_of(c.projections[name])
-    W = pb.weight(name)
-    V = pb.buffer(f"{name}.{section_tag}.V", *shape)
-    style = opt.style_code
-    where = f"projection {name!r}"
-    scale = opt.scale_of(name)
-    lr = opt.lr * scale
-    # as the compiler's own steps: Simulator.set_lr(lr) writes lr * scale into column 0 of the
-    # SGD instruction (scale in column 4) and column 2 of a fused GEMM (scale in column 3)
-    if wd == 0.0 and fuse:   # fold the momentum update into the GEMM: V = m V + alpha lr/nb ...
-        pb.emit(K.GEMM, (V, post, pre, 1, 0, 1),
-                (alpha, opt.momentum, lr if style == 0 else 1.0, scale),
-                ("lr2", where) if style == 0 else where)
-        pb.emit(K.SGD, (W, V, V, style + 2), (lr, opt.momentum, 0.0, opt.max_weight, scale),
-                ("lr", where))
-    else:
-        dW = pb.buffer(f"{name}.{section_tag}.dW", *shape)
-        pb.gemm(dW, post, pre, trans_a=True, alpha=alpha, where=where)
-        pb.emit(K.SGD, (W, V, dW, style), (lr, opt.momentum, wd, opt.max_weight, scale),
-                ("lr", where))
-        return dW
+    shape = pb.circuit.shape_of(pb.circuit.projections[name])
+    dW = pb.state(f"{name}.{tag}.dW", *shape, kind="optimizer")
+    pb.assign(dW, update, f"projection {name!r}")
+    emit_sgd(pb, name, dW.index, opt, weight_decay=wd, velocity=f"{name}.{tag}.V")
+    return dW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,32 +136,11 @@ class NormalizedPEPITA(PEPITA):
         check_float("NormalizedPEPITA.eps", self.eps, low=0.0)
 
 
-def _emit_normalize(pb, rule, dst, src, size):
-    """dst = src / ||src_b|| per row (sample) or src / ||src||_F (batch)."""
-    eps = rule.eps
-    pb.emit(K.ROW_NORMALIZE, (dst, src), (eps,), f"{rule.name} normalization")
-    pb.scale(dst, 1.0 / math.sqrt(size))            # ROW_NORMALIZE divides by the RMS
-    if rule.norm == "sample":
-        return
-    # batch: r_b = <h_b, h_b/|h_b|>; u = (r_1..r_nb, 0..)/nb as a row (diagonal trick);
-    # ROW_NORMALIZE(u) = r_j sqrt(B) / ||H||_F; back to a column and scale the rows.
-    B = pb.batch
-    tag = f"{rule.name}.bn{size}"
-    prod = pb.scratch(f"{tag}.prod", size)
-    r = pb.scratch(f"{tag}.r", 1)
-    D = pb.scratch(f"{tag}.D", B)
-    eye = pb.buffer(f"const.eye{B}", B, B, True, init=np.eye(B, dtype=np.float32))
-    u = pb.persistent(f"{tag}.u", 1, B)
-    col = pb.scratch(f"{tag}.col", 1)
-    pb.mul(prod, src, dst)
-    pb.gemm(r, prod, _const(pb, f"ones{size}x1", size, 1, 1.0))
-    pb.gemm(D, r, _const(pb, f"ones1x{B}", 1, B, 1.0))
-    pb.mul(D, D, eye)
-    pb.emit(K.COL_MEAN, (u, D), (1.0, 0.0), f"{rule.name} normalization")
-    pb.emit(K.ROW_NORMALIZE, (u, u), (eps,), f"{rule.name} normalization")
-    pb.gemm(col, eye, u, trans_b=True)
-    pb.emit(K.ROW_SCALE, (dst, col), (), f"{rule.name} normalization")
-    pb.scale(dst, 1.0 / math.sqrt(B))
+def _normalized(pb, rule, h, size):
+    """``h / ||h_b||`` per row (``norm="sample"``) or ``h / ||H||_F`` (``"batch"``)."""
+    if rule.norm == "sample":      # ROW_NORMALIZE divides by the RMS, ||h_b|| / sqrt(size)
+        return pb.let(h.row_normalize(rule.eps) * (1.0 / math.sqrt(size)))
+    return pb.let(h / (h.sumsq(axis=1).sum().sqrt() + rule.eps))
 
 
 @register_builder(NormalizedPEPITA)
@@ -202,46 +161,35 @@ def build_normalized_pepita(pb, rule: NormalizedPEPITA):
             raise ValidationError("NormalizedPEPITA", f"population {p!r} has a bias; "
                                   "normalization needs bias-free layers.")
     hidden = pops[1:-1]
-    t = pb._index["stim.t"]
-    W_L = pb.weight(projs[-1])
-    gain_L = c.projections[projs[-1]].gain
-    n_out = c.populations[err.output].size
+    t = pb.stim("t")
+    W_L, gain_L = pb.W(projs[-1]), c.projections[projs[-1]].gain
     norm = {}
 
-    def normalized_pass(phase, err_dst):
+    def normalized_error(phase):
+        """Normalize the held activities of ``phase``; the normalized network's output error."""
         for p in hidden:
-            n = c.populations[p].size
-            dst = pb.scratch(f"{rule.name}.{p}@{phase}", n)
-            _emit_normalize(pb, rule, dst, pb.rate(p, phase), n)
-            norm[(p, phase)] = dst
-        logits = pb.scratch(f"{rule.name}.logits@{phase}", n_out)
-        out = pb.scratch(f"{rule.name}.out@{phase}", n_out)
-        pb.gemm(logits, norm[(hidden[-1], phase)], W_L, trans_b=True, alpha=gain_L)
-        pb.emit(K.APPLY, (out, logits, K.SOFTMAX), (), f"{rule.name} normalized output")
-        pb.sub(err_dst, out, t)
+            norm[(p, phase)] = _normalized(pb, rule, pb.r(p, phase), c.populations[p].size)
+        return (gain_L * (norm[(hidden[-1], phase)] @ W_L.T)).apply("softmax") - t
 
-    err_clean = pb.rate(err.name, rule.clean)
-    with pb.at(f"{rule.clean}:post"):
-        normalized_pass(rule.clean, err_clean)       # F reads the normalized clean error
+    err_clean = pb.r(err.name, rule.clean)
+    with pb.at(f"{rule.clean}:post"):            # F reads the normalized clean error
+        pb.assign(err_clean, normalized_error(rule.clean))
     with pb.at("trial_end"):
-        err_mod = pb.scratch(f"{rule.name}.error@{rule.modulated}", n_out)
-        normalized_pass(rule.modulated, err_mod)
+        err_mod = pb.let(normalized_error(rule.modulated))
         pre_phase = rule.modulated if rule.presynaptic == "modulated" else rule.clean
         for name in rule.modifies(pb):
             proj = pb.require_projection(name, "NormalizedPEPITA.projections")
-            pre_pop = proj.pre_population
-            pre = (norm[(pre_pop, pre_phase)] if (pre_pop, pre_phase) in norm
-                   else pb.rate(pre_pop, pre_phase))
-            dW, beta = pb.grad(name)
+            pre = norm.get((proj.pre_population, pre_phase))
+            if pre is None:
+                pre = pb.r(proj.pre_population, pre_phase)
             if proj.post == err.output:
                 post = err_mod if rule.last_layer_error == "modulated" else err_clean
+            elif proj.post in hidden:
+                post = norm[(proj.post, rule.clean)] - norm[(proj.post, rule.modulated)]
             else:
-                if proj.post not in hidden:
-                    raise ValidationError("NormalizedPEPITA.projections", f"{name!r} does not "
-                                          "end in a hidden layer or the output.")
-                post = pb.scratch(f"{rule.name}.{name}.delta", c.populations[proj.post].size)
-                pb.sub(post, norm[(proj.post, rule.clean)], norm[(proj.post, rule.modulated)])
-            pb.gemm(dW, post, pre, trans_a=True, alpha=1.0, beta=beta)
+                raise ValidationError("NormalizedPEPITA.projections", f"{name!r} does not "
+                                      "end in a hidden layer or the output.")
+            pb.update(name, post.T @ pre)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,25 +236,22 @@ def build_pepita_time_local(pb, rule: PEPITATimeLocal):
                            "phases and needs the optimizer's settings; pass "
                            "PEPITATimeLocal(optimizer=SGD(...)) with the SGD given to "
                            "compile_plan.")
-    t = pb._index["stim.t"]
+    t = pb.stim("t")
     for name in rule.modifies(pb):
         proj = pb.require_projection(name, "PEPITATimeLocal.projections")
         if not proj.plastic:
             raise ValidationError("PEPITATimeLocal.projections", f"projection {name!r} is fixed "
                                   "(plastic=False) but the rule updates it.")
-        fuse = not rule.record_update
+        pre = proj.pre_population
         with pb.at(f"{rule.clean}:post"):      # anti-Hebbian: W -= lr/B h_l h_{l-1}^T
-            d_c = _fused_or_plain_step(pb, name, pb.rate(proj.post, rule.clean),
-                                       pb.rate(proj.pre_population, rule.clean), 1.0, opt,
-                                       rule.clean, 0.0, fuse)
+            h, x = pb.r(proj.post, rule.clean), pb.r(pre, rule.clean)
+            d_c = _sgd_step(pb, name, h.T @ x, opt, rule.clean, 0.0)
         with pb.at(f"{rule.modulated}:post"):  # Hebbian: W += lr/B h~_l h~_{l-1}^T (t for last)
-            post = t if proj.post == err.output else pb.rate(proj.post, rule.modulated)
-            d_m = _fused_or_plain_step(pb, name, post, pb.rate(proj.pre_population, rule.modulated),
-                                       -1.0, opt, rule.modulated, opt.weight_decay, fuse)
+            h = t if proj.post == err.output else pb.r(proj.post, rule.modulated)
+            d_m = _sgd_step(pb, name, -(h.T @ pb.r(pre, rule.modulated)), opt, rule.modulated,
+                            opt.weight_decay)
             if rule.record_update:
-                upd = pb.persistent(f"{rule.name}.{name}.update", *c.shape_of(proj))
-                pb.copy(upd, d_c)
-                pb.axpy(upd, d_m, 1.0)
+                pb.assign(pb.state(f"{rule.name}.{name}.update", *c.shape_of(proj)), d_c + d_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,11 +267,15 @@ class WeightMirroring(PlasticityRule):
     B_l``; then every B_l is rescaled by ``(sd_F / std(F))^(1/L)`` with ``sd_F = f_scale
     sqrt(2 / d_in)`` (std taken about 0, i.e. the RMS of F's entries), and F is recomputed.
 
-    Schedule: the first ``premirror_epochs`` epochs run mirroring only (the weight updates of the
-    rules listed *before* this one are zeroed); afterwards the mirroring step follows every
-    minibatch's weight update in every ``period``-th epoch (epochs P, P+k, P+2k, ...).
-    ``trials_per_epoch`` (minibatches per epoch) is needed when ``premirror_epochs > 0`` or
-    ``period > 1``. List this rule after the rule that updates the forward weights.
+    Schedule (epochs counted from 0, set by :meth:`~neurosim.Simulator.set_epoch`, which
+    ``training.run`` calls every epoch): the first ``premirror_epochs`` epochs run mirroring only
+    (the weight updates of the rules listed *before* this one are zeroed); afterwards the
+    mirroring step runs with every minibatch of every ``period``-th epoch (epochs P, P+k, P+2k,
+    ...). The step runs at the start of each trial (see the module docstring for the exact
+    timing). List this rule after the rule that updates the forward weights.
+
+    ``trials_per_epoch`` and ``newton_steps`` are accepted for compatibility and ignored (the
+    schedule follows the epoch, the rescaling is one ``pow``): passing them warns.
     """
 
     factors: tuple = ()
@@ -340,7 +289,7 @@ class WeightMirroring(PlasticityRule):
     premirror_epochs: int = 0
     period: int = 1
     trials_per_epoch: int | None = None
-    newton_steps: int = 20
+    newton_steps: int | None = None
     name: str = "wm"
 
     def __post_init__(self):
@@ -356,16 +305,16 @@ class WeightMirroring(PlasticityRule):
         check_float("WeightMirroring.f_scale", self.f_scale, low=0.0, low_open=True)
         check_int("WeightMirroring.premirror_epochs", self.premirror_epochs, low=0)
         check_int("WeightMirroring.period", self.period, low=1)
-        check_int("WeightMirroring.newton_steps", self.newton_steps, low=1)
         if self.lr * self.wd >= 1.0:
             raise ValidationError("WeightMirroring.wd", f"lr * wd = {self.lr * self.wd:g}; the "
                                   "decay factor 1 - lr wd must stay positive (lr * wd < 1).")
-        if self.trials_per_epoch is not None:
-            check_int("WeightMirroring.trials_per_epoch", self.trials_per_epoch, low=1)
-        elif self.premirror_epochs > 0 or self.period > 1:
-            raise ValidationError("WeightMirroring.trials_per_epoch", "missing; an epoch schedule "
-                                  "(premirror_epochs > 0 or period > 1) needs the number of "
-                                  "minibatches per epoch.")
+        for key, why in (("trials_per_epoch", "the schedule follows the epoch that "
+                          "Simulator.set_epoch sets (training.run calls it every epoch)"),
+                         ("newton_steps", "the rescaling root is one pow operation")):
+            if getattr(self, key) is not None:
+                check_int(f"WeightMirroring.{key}", getattr(self, key), low=1)
+                warnings.warn(f"WeightMirroring.{key} is deprecated and ignored: {why}; drop the "
+                              "argument.", NeurosimWarning, stacklevel=3)
 
     def modifies(self, pb):
         return []
@@ -374,33 +323,29 @@ class WeightMirroring(PlasticityRule):
         return []
 
 
-def _step01(pb, dst, src, shift, tag):
-    """dst = [src + shift >= 0] for integer-valued (1, 1) src: relu(x + 1) - relu(x)."""
-    a = pb.persistent(f"{tag}.a", 1, 1)
-    pb.copy(a, src)
-    pb.emit(K.AFFINE, (a,), (1.0, shift + 1.0), tag)
-    pb.emit(K.APPLY, (a, a, K.RELU), (), tag)
-    pb.copy(dst, src)
-    pb.emit(K.AFFINE, (dst,), (1.0, shift), tag)
-    pb.emit(K.APPLY, (dst, dst, K.RELU), (), tag)
-    pb.sub(dst, a, dst)
+def _mirror_gate(premirror, period, epoch):
+    """1 in a pre-mirroring epoch or a mirroring epoch (P, P + k, P + 2k, ...), else 0."""
+    return float(epoch < premirror or (epoch - premirror) % period == 0)
 
 
-@register_builder(WeightMirroring)
-def build_weight_mirroring(pb, rule: WeightMirroring):
-    c = pb.circuit
-    where = "WeightMirroring"
+def _update_gate(premirror, epoch):
+    """0 in the pre-mirroring epochs (no weight update), else 1."""
+    return float(epoch >= premirror)
+
+
+def _factor_chain(pb, rule):
+    """The forward chain (projections, populations) and the handles of the factors and F, with
+    their shapes checked."""
+    c, where = pb.circuit, "WeightMirroring"
     projs, pops = _layered_chain(pb, rule.error, where)
-    L = len(projs)
-    if len(rule.factors) != L:
-        raise ValidationError(f"{where}.factors", f"got {len(rule.factors)} factors for {L} "
-                              f"layers {projs}; F = B_1 ... B_L needs one per layer.")
+    if len(rule.factors) != len(projs):
+        raise ValidationError(f"{where}.factors", f"got {len(rule.factors)} factors for "
+                              f"{len(projs)} layers {projs}; F = B_1 ... B_L needs one per layer.")
     fb = pb.require_projection(rule.feedback, f"{where}.feedback")
     d_in, n_out = c.populations[pops[0]].size, c.populations[pops[-1]].size
     if c.shape_of(fb) != (d_in, n_out):
         raise ValidationError(f"{where}.feedback", f"{fb.name!r} has shape {c.shape_of(fb)}, "
                               f"expected (d_in, n_out) = {(d_in, n_out)}.")
-    Bs = []
     for l, (bname, wname) in enumerate(zip(rule.factors, projs)):
         bp = pb.require_projection(bname, f"{where}.factors")
         want = c.shape_of(c.projections[wname])[::-1]
@@ -410,112 +355,43 @@ def build_weight_mirroring(pb, rule: WeightMirroring):
         if bp.plastic:
             raise ValidationError(f"{where}.factors", f"{bname!r} is plastic; the factors are "
                                   "changed by mirroring only (make it plastic=False).")
-        Bs.append(pb.weight(bname))
-    tag = rule.name
-    sd_f = rule.f_scale * math.sqrt(2.0 / d_in)
+    return projs, pops, [pb.W(b) for b in rule.factors], pb.W(fb.name)
+
+
+@register_builder(WeightMirroring)
+def build_weight_mirroring(pb, rule: WeightMirroring):
+    c = pb.circuit
+    projs, pops, Bs, F = _factor_chain(pb, rule)
+    L, P, k = len(projs), rule.premirror_epochs, rule.period
+    sd_f = rule.f_scale * math.sqrt(2.0 / c.populations[pops[0]].size)
+    # the decay B_l *= 1 - lr wd is a common factor of every B_l that the rescaling undoes
+    # exactly, so it is folded into the step size lr' = lr / (1 - lr wd)
     eta = rule.lr / (1.0 - rule.lr * rule.wd)
-    gated = rule.premirror_epochs > 0 or rule.period > 1
-    ones_b = _ones_batch(pb)
-    with pb.at("trial_start"):
-        g_wm = None
-        if gated:
-            T, P, k = rule.trials_per_epoch, rule.premirror_epochs, rule.period
-            n = pb.persistent(f"{tag}.trial", 1, 1)                       # n = this trial
-            z = pb.persistent(f"{tag}.cycle", 1, 1,
-                              init=np.full((1, 1), (-2 - P * T) % (k * T), np.float32))
-            g_pre = pb.persistent(f"{tag}.g_pre", 1, 1)
-            g_wm = pb.persistent(f"{tag}.g_wm", 1, 1)
-            g_w = pb.persistent(f"{tag}.g_w", 1, 1)
-            tmp = pb.persistent(f"{tag}.tmp", 1, 1)
-            # z <- (z + 1) mod kT: the position of trial n-1-PT in its cycle of k epochs
-            pb.emit(K.AFFINE, (z,), (1.0, 1.0), tag)
-            _step01(pb, tmp, z, -float(k * T), f"{tag}.wrap")
-            pb.axpy(z, tmp, -float(k * T))
-            # g_pre = [n < PT]; g_w = 1 - g_pre (weight updates allowed)
-            _step01(pb, g_w, n, -float(P * T), f"{tag}.pre")
-            pb.copy(g_pre, g_w)
-            pb.emit(K.AFFINE, (g_pre,), (-1.0, 1.0), tag)
-            # g_wm = g_pre + [n >= PT + 1] * [z < T]
-            _step01(pb, g_wm, n, -float(P * T + 1), f"{tag}.post")
-            _step01(pb, tmp, z, -float(T), f"{tag}.cyc")
-            pb.emit(K.AFFINE, (tmp,), (-1.0, 1.0), tag)
-            pb.mul(g_wm, g_wm, tmp)
-            pb.axpy(g_wm, g_pre, 1.0)
-            pb.emit(K.AFFINE, (n,), (1.0, 1.0), tag)                     # next trial
-        for l in range(L if rule.lr > 0 else 0):     # lr = 0: F = B_1 ... B_L, never mirrored
-            pre, post = pops[l], pops[l + 1]
-            fan_in, fan_out = c.populations[pre].size, c.populations[post].size
-            xi = pb.scratch(f"{tag}.xi{l}", fan_in)
-            a = pb.scratch(f"{tag}.a{l}", fan_out)
-            y = pb.scratch(f"{tag}.y{l}", fan_out)
-            key = pb.key(f"{tag}:noise:{l}")
-            if rule.noise_dist == "gaussian":
-                pb.emit(K.GAUSS, (xi, key), (rule.noise,), f"{tag} noise")
-            else:
-                pb.emit(K.MASK, (xi, key), (0.5,), f"{tag} noise")                      # {0, 2}
-                pb.emit(K.AFFINE, (xi,), (rule.noise, -rule.noise), f"{tag} noise")   # +-noise
-            m = pb.persistent(f"{tag}.colmean{l}", 1, fan_in)
-            mu = pb.persistent(f"{tag}.mean{l}", 1, 1)
-            mrow = pb.persistent(f"{tag}.meanrow{l}", 1, fan_in)
-            pb.emit(K.COL_MEAN, (m, xi), (1.0, 0.0), f"{tag} noise mean")
-            pb.gemm(mu, m, _const(pb, f"ones{fan_in}x1", fan_in, 1, 1.0), alpha=1.0 / fan_in)
-            pb.gemm(mrow, mu, _const(pb, f"ones1x{fan_in}", 1, fan_in, 1.0))
-            pb.gemm(xi, ones_b, mrow, alpha=-1.0, beta=1.0)                # xi -= mean(xi)
-            if gated:
-                gcol = pb.scratch(f"{tag}.gcol", 1)
-                pb.gemm(gcol, ones_b, g_wm)
-                pb.emit(K.ROW_SCALE, (xi, gcol), (), f"{tag} gate")
-            pb.gemm(a, xi, pb.weight(projs[l]), trans_b=True,                # block_l(xi)
-                    alpha=c.projections[projs[l]].gain)
-            pb.emit(K.APPLY, (y, a, c.populations[post].code), (), f"{tag} block")
-            if c.populations[post].dropout > 0:
-                pb.mul(y, y, pb.buffer(f"{post}.mask", 0, fan_out, True))
-            # B_l += (lr' / nb) xi^T y, lr' = lr / (1 - lr wd): the decay B_l *= 1 - lr wd is a
-            # common factor of every B_l that the rescaling below undoes exactly, so it is folded
-            # into the step size (the GEMM's run-time 1/nb: fused flag with factor 1)
-            pb.emit(K.GEMM, (Bs[l], xi, y, 1, 0, 1), (eta, 1.0, 1.0), f"{tag} B update")
-        # F' = B_1 (B_2 (... B_L)), right to left (small intermediates: fan_in_l x n_out)
-        Fw = pb.weight(fb.name)
+    with pb.at("trial_start"):   # after the last trial's optimizer step, with this trial's masks
+        on = 1.0
+        if rule.lr > 0 and (P > 0 or k > 1):
+            on = pb.scalar(f"{rule.name}.mirror", _mirror_gate(P, k, 0),
+                           partial(_mirror_gate, P, k))
+        for l in range(L if rule.lr > 0 else 0):   # lr = 0: F = B_1 ... B_L, never mirrored
+            pre, post = c.populations[pops[l]], c.populations[pops[l + 1]]
+            xi = pb.noise(f"{rule.name}:noise:{l}", pre.size, rule.noise_dist, rule.noise)
+            xi = pb.let((xi - xi.mean()) * on)
+            y = (c.projections[projs[l]].gain * (xi @ pb.W(projs[l]).T)).apply(post.code)
+            if post.dropout > 0:
+                y = y * pb.mask(post.name)
+            pb.accumulate(Bs[l], eta * (xi.T @ y).batch_mean())     # B_l += lr' xi^T y / nb
         prod = Bs[-1]
-        for l in range(L - 2, -1, -1):
-            rows = c.populations[pops[l]].size
-            dst = Fw if l == 0 else pb.persistent(f"{tag}.Fpart{l}", rows, n_out)
-            pb.gemm(dst, Bs[l], prod)
-            prod = dst
-        if L == 1:
-            pb.copy(Fw, Bs[0])
-        # w = mean(F'^2) / sd_F^2 ; g = w^(-1/(2L)) by Newton (inverse p-th root, p = 2L)
-        rs = pb.persistent(f"{tag}.rowsq", d_in, 1)
-        w = pb.persistent(f"{tag}.w", 1, 1)
-        y_ = pb.persistent(f"{tag}.g", 1, 1)
-        yp = pb.persistent(f"{tag}.gp", 1, 1)
-        pb.emit(K.ROW_SUMSQ, (rs, Fw), (1.0,), f"{tag} rescale")
-        pb.gemm(w, rs, _const(pb, f"ones{d_in}x1", d_in, 1, 1.0), trans_a=True,
-                alpha=1.0 / (d_in * n_out * sd_f * sd_f))
-        p = 2 * L
-        y0 = ((p + 1.0) / 1e4) ** (1.0 / p)     # w y0^p < p + 1 for every w < 1e4
-        pb.emit(K.AFFINE, (y_,), (0.0, y0), tag)
-        for _ in range(rule.newton_steps):
-            pb.copy(yp, y_)
-            for _ in range(p - 1):
-                pb.mul(yp, yp, y_)                                             # y^p
-            pb.mul(yp, yp, w)
-            pb.emit(K.AFFINE, (yp,), (-1.0 / p, (p + 1.0) / p), tag)
-            pb.mul(y_, y_, yp)                                                 # y (p+1 - w y^p)/p
-        for l in range(L):
-            fan_in = c.populations[pops[l]].size
-            pb.emit(K.ROW_SCALE, (Bs[l], _col_of(pb, f"{tag}.g", fan_in, y_)), (), tag)
-        gL = pb.persistent(f"{tag}.gL", 1, 1)
-        pb.copy(gL, y_)
-        for _ in range(L - 1):
-            pb.mul(gL, gL, y_)
-        pb.emit(K.ROW_SCALE, (Fw, _col_of(pb, f"{tag}.gL", d_in, gL)), (), tag)
-    if gated and rule.premirror_epochs > 0:
-        # pre-mirroring: no weight update; zero the updates written by the rules before this one
-        g_w = pb._index[f"{tag}.g_w"]
+        for B in Bs[-2::-1]:                   # F = B_1 (B_2 (... B_L)), right to left
+            prod = B @ prod
+        pb.assign(F, prod)
+        w = pb.let(F.sumsq(axis=1).sum() * (1.0 / (F.rows * F.cols * sd_f ** 2)))  # (rms/sd_F)^2
+        g = pb.let(w ** (-0.5 / L))
+        for B in Bs:
+            pb.assign(B, B * g)                # B_l *= (sd_F / rms F)^(1/L)
+        pb.assign(F, F * w.rsqrt())            # F *= sd_F / rms F
+    if P > 0:   # pre-mirroring: zero the updates written by the rules listed before this one
         with pb.at("trial_end"):
+            upd = pb.scalar(f"{rule.name}.update", _update_gate(P, 0), partial(_update_gate, P))
             for name in list(pb.grads):
-                post, _ = c.shape_of(c.projections[name])
-                dW, _ = pb.grad(name)
-                pb.emit(K.ROW_SCALE, (dW, _col_of(pb, f"{tag}.g_w", post, g_w)), (),
-                        f"{tag} pre-mirroring gate")
+                dW = Buf(pb, pb.grad(name)[0])
+                pb.assign(dW, dW * upd)
