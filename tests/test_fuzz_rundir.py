@@ -40,6 +40,9 @@ from neurosim import rundir
 from neurosim import scenario as sc
 from neurosim import training
 
+# the tiny data set gives the tiny scenario's monitors few points: expected here
+pytestmark = pytest.mark.filterwarnings("ignore::neurosim.errors.NeurosimWarning")
+
 EPOCHS = 3
 PER_BATCH = 4
 STATS: Counter = Counter()      # outcomes of the default cases (checked by the last test)
