@@ -24,6 +24,7 @@ corrections of spec §4.5) are included.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -33,8 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from neurosim import ValidationError
+from neurosim import NeurosimError, ValidationError
+from neurosim import rundir
 from neurosim import teacher_student as ts
+
+#: What a teacher-student run writes (a new run refuses a folder holding any of them).
+TS_FILES = ("scenario.toml", "summary.json", "teacher_student.csv", "teacher_student.npz",
+            "teacher_student.png", "error.json")
 
 TS_SCHEMA = {
     "rule": (("bp", "fa", "afa", "pepita"), "pepita"),
@@ -151,8 +157,25 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
     m = settings["model"]
     inst = make_instance(m)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scenario.toml").write_text(sc.to_toml(settings))
+    with rundir.FolderLock(out, "run"):       # one writer; never replaces files of others
+        rundir.remove_stale_tmp(out, TS_FILES)
+        rundir.check_fresh(out, TS_FILES)
+        try:
+            rundir.atomic_write_text(out / "scenario.toml", sc.to_toml(settings))
+            return _run(m, inst, out, progress)
+        except BaseException as e:
+            if (out / "scenario.toml").is_file():    # the folder is a run: say what happened
+                try:
+                    rundir.atomic_write_text(out / "error.json", json.dumps(
+                        {"error": type(e).__name__, "message": str(e)}, indent=2))
+                except (NeurosimError, OSError):
+                    pass
+            if isinstance(e, OSError):
+                raise rundir.os_error(e, e.filename or out) from None
+            raise
+
+
+def _run(m, inst, out: Path, progress: bool) -> dict:
     times = output_times(m)
     eta = m["eta"]
     eta_v = m["eta_v"] if m["eta_v"] is not None else eta
@@ -229,7 +252,7 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
     }
     if phi_info is not None:
         summary["pepita_afa"] = {k: v for k, v in phi_info.items() if k != "integrated"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if progress:
         for k, d in deviations.items():
             if d["max_abs_rel"] is not None:
@@ -277,11 +300,12 @@ def _write_csv(path, times, odes, sims, K, M):
     for name, s in sims.items():
         cols.update(_columns(f"sim_{name}_mean_", s.Q.mean(1), s.R.mean(1), s.v.mean(1),
                              s.b.mean(1), s.cos_vb.mean(1), K, M))
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(list(cols))
-        for i in range(len(times)):
-            w.writerow([_fmt(cols[c][i]) for c in cols])
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(list(cols))
+    for i in range(len(times)):
+        w.writerow([_fmt(cols[c][i]) for c in cols])
+    rundir.atomic_write_text(path, fh.getvalue())
 
 
 def _fmt(x):
@@ -300,7 +324,9 @@ def _write_npz(path, times, odes, sims, phi_info):
         arrays[f"sim_{name}_seeds"] = np.array(s.seeds)
     if phi_info is not None:
         arrays["eta_Phi_int_E"] = phi_info["integrated"]
-    np.savez_compressed(path, **arrays)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    rundir.atomic_write_bytes(path, buf.getvalue())
 
 
 _COLORS = {"bp": "C0", "fa": "C2", "afa": "C1", "pepita": "C3"}
@@ -374,8 +400,10 @@ def _plot(path, m, inst, times, odes, sims, phi_info):
     bx.set_ylim(-1.05, 1.05)
     bx.axhline(0, color="0.8", lw=0.6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        rundir.atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _register():

@@ -8,8 +8,8 @@ Public API (everything else is private)::
 
 from .circuit import Circuit, ErrorPopulation, Population, Projection, TRANSFERS
 from .compiler import Plan, PlanBuilder, compile_plan
-from .errors import (BareTimeWarning, CompileError, DataError, NeurosimError, NeurosimWarning,
-                     SimulationError, ValidationError)
+from .errors import (BareTimeWarning, CompileError, DataError, FolderLockedError, NeurosimError,
+                     NeurosimWarning, ResourceError, SimulationError, ValidationError)
 from .init import FanInUniform, Given, HeUniform, Normal, Uniform, Zeros
 from .monitors import Monitor, Trace, Traces
 from .plasticity import (AFA, BP, CONVENTIONS, DFA, FA, PEPITA, SGD, PlasticityRule,
@@ -26,7 +26,7 @@ __all__ = [
     "SGD", "PEPITA", "CONVENTIONS", "BP", "FA", "DFA", "AFA", "PlasticityRule", "register_builder",
     "HeUniform", "FanInUniform", "Uniform", "Normal", "Zeros", "Given",
     "NeurosimError", "ValidationError", "DataError", "CompileError", "SimulationError",
-    "NeurosimWarning", "BareTimeWarning", "__version__",
+    "ResourceError", "FolderLockedError", "NeurosimWarning", "BareTimeWarning", "__version__",
 ]
 
 from .plasticity import NormalizedPEPITA, Oja, PEPITATimeLocal, WeightMirroring  # noqa: E402

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,9 @@ def _parser(extra=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    extra = _extra_modules()
-    args = _parser(extra).parse_args(argv)
     try:
+        extra = _extra_modules()
+        args = _parser(extra).parse_args(argv)
         if args.command in extra:
             return extra[args.command].main(args)
         if args.command == "validate":
@@ -68,9 +69,24 @@ def main(argv=None) -> int:
     except NeurosimError as e:
         print(f"neurosim: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("neurosim: interrupted; the last checkpoint is intact (continue with --resume).",
-              file=sys.stderr)
+    except BrokenPipeError:  # the reader of our output left (| head): nothing to tell it
+        try:                 # and no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except OSError as e:    # a file-system failure no command turned into a clearer error
+        from .rundir import os_error
+
+        print(f"neurosim: error: {os_error(e, doing='complete the command')}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("neurosim: error: the machine ran out of memory. Hint: lower training.batch_size "
+              "or the population sizes.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        # the runs say what they kept (KeyboardInterrupt("interrupted; epochs 1-3 are kept..."))
+        print(f"neurosim: {str(e) or 'interrupted.'}", file=sys.stderr)
         return 130
 
 
@@ -94,13 +110,16 @@ def _validate(args) -> int:
 
 def _run(args) -> int:
     from . import scenario as sc
+    from .rundir import check_inside, safe_name
     from .training import run
 
     if args.resume:
         out = Path(args.resume)
-        if not (out / "scenario.toml").is_file():
-            raise ValidationError("--resume", f"{str(out)!r} has no scenario.toml; it is not a "
-                                  "run directory.")
+        if not ((out / "scenario.toml").is_file() and (out / "checkpoints").is_dir()):
+            raise ValidationError("--resume", f"{str(out)!r} has no scenario.toml and "
+                                  "checkpoints/ folder; it is not a run directory.",
+                                  "give the folder a neurosim run wrote (it prints 'run "
+                                  "directory: ...').")
         if args.scenario:
             print("neurosim: note: --resume uses the run directory's scenario.toml; the "
                   "scenario argument is ignored.", file=sys.stderr)
@@ -109,8 +128,12 @@ def _run(args) -> int:
         if not args.scenario:
             raise ValidationError("run", "no scenario given.", "neurosim run scenarios/pepita_mnist.toml")
         settings = sc.load(args.scenario, args.overrides)
-        out = Path(args.out) if args.out else Path("runs") / (
-            f"{settings['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.out:
+            out = Path(args.out)
+        else:   # the name is the user's text: one safe path component, inside runs/
+            out = Path("runs") / (f"{safe_name(settings['name'], 'run')}-"
+                                  f"{time.strftime('%Y%m%d-%H%M%S')}")
+            check_inside(out, Path("runs"), "name")
     runner = sc.runner_for(settings) or run
     summary = runner(settings, out, data_dir=args.data, resume=bool(args.resume),
                      progress=not args.no_progress)
@@ -124,5 +147,18 @@ def _run(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``neurosim`` console command: :func:`main`, then exit with its code. After Ctrl-C
+    (exit code 130; every command has released its folders and written what it keeps by then)
+    the process ends at once instead of waiting, often most of a second, for the libraries'
+    interpreter teardown, so that Ctrl-C returns the prompt within a second."""
+    rc = main()
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -36,6 +36,33 @@ class ValidationError(NeurosimError, ValueError):
         super().__init__(text)
 
 
+class ResourceError(NeurosimError):
+    """The file system or the machine refused: a full disk, a read-only or unreadable folder, a
+    path blocked by a file, too little memory, or a run directory locked by another process.
+
+    Same ``where`` / ``message`` / ``hint`` pattern as :class:`ValidationError`; ``where`` is the
+    path concerned. Not an ``OSError``, so that generic ``except OSError`` fallbacks do not
+    swallow it.
+    """
+
+    def __init__(self, where: str, message: str, hint: str | None = None):
+        self.where = where
+        self.message = message
+        self.hint = hint
+        text = f"{where}: {message}"
+        if hint:
+            text += f" Hint: {hint}"
+        super().__init__(text)
+
+
+class FolderLockedError(ResourceError):
+    """A run or sweep folder is held by another live process (``pid``, None when unknown)."""
+
+    def __init__(self, where: str, message: str, hint: str | None = None, pid: int | None = None):
+        self.pid = pid
+        super().__init__(where, message, hint)
+
+
 class DataError(ValidationError):
     """A dataset file is missing, truncated or fails its checksum."""
 

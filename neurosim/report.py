@@ -29,12 +29,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ValidationError
+from .rundir import atomic_write_bytes, atomic_write_file, remove_dead_tmp, safe_name
 
 HELP = "plot a run or a sweep (learning curves, angles, goodness, traces) and summarise it"
 
@@ -61,7 +61,7 @@ def report(d, runs: bool = False) -> list[Path]:
                               "give a run directory or a sweep folder.")
     if (d / "sweep.json").is_file() or (d / "sweep.csv").is_file():
         return report_sweep(d, runs=runs)
-    if (d / "metrics.csv").is_file() or (d / "summary.json").is_file():
+    if any((d / n).is_file() for n in ("metrics.csv", "summary.json", "error.json")):
         return report_run(d)
     raise ValidationError("report", f"{str(d)!r} holds neither a run (metrics.csv, summary.json) "
                           "nor a sweep (sweep.csv).",
@@ -70,13 +70,19 @@ def report(d, runs: bool = False) -> list[Path]:
 
 # -- reading --------------------------------------------------------------------------------------
 def _read_json(path: Path):
+    """The JSON object (dict) in ``path``; None if there is no such file."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise ValidationError(str(path), f"cannot read it ({type(e).__name__}: {e}); it is corrupt "
                               "or truncated.") from None
+    if not isinstance(obj, dict):
+        raise ValidationError(str(path), f"holds a JSON {type(obj).__name__}, expected an object "
+                              "({...}); it is not the file neurosim wrote.",
+                              "restore or delete it.")
+    return obj
 
 
 def _num(v):
@@ -227,11 +233,13 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     plt = _plt()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        # no lock is held while reporting: a temporary name of this call's own
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110),
+                          unique=True)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -393,6 +401,7 @@ def _fmt(v, pct=False):
 
 
 def report_run(d: Path) -> list[Path]:
+    remove_dead_tmp(d)          # left by a report that was killed while writing
     s = run_series(d)
     summary, m = s["summary"], s["metrics"]
     name = summary.get("scenario", d.name)
@@ -430,7 +439,8 @@ def report_run(d: Path) -> list[Path]:
             if i is None:
                 md.append("| … | | | | | |")
                 continue
-            md.append(f"| {int(m['epoch'][i])} | {_fmt(cols['test_accuracy'][i], True)} | "
+            ep = int(m["epoch"][i]) if math.isfinite(m["epoch"][i]) else "—"
+            md.append(f"| {ep} | {_fmt(cols['test_accuracy'][i], True)} | "
                       f"{_fmt(cols['running'][i], True)} | {_fmt(cols['eval'][i], True)} | "
                       f"{_fmt(cols['lr'][i])} | {_fmt(cols['samples_per_s'][i])} |")
         md.append("")
@@ -544,9 +554,7 @@ def _plots_md(d: Path, written, notes) -> list:
 
 
 def _write_md(path: Path, lines) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode(), unique=True)
     return path
 
 
@@ -554,6 +562,7 @@ def _write_md(path: Path, lines) -> Path:
 def report_sweep(d: Path, runs: bool = False) -> list[Path]:
     from .sweep import _mean_std
 
+    remove_dead_tmp(d)
     spec = _read_json(d / "sweep.json") or {}
     grid = spec.get("grid") or {}
     try:
@@ -564,11 +573,21 @@ def report_sweep(d: Path, runs: bool = False) -> list[Path]:
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise ValidationError(str(d / "sweep.csv"), f"cannot read it ({e}).") from None
     name = spec.get("scenario_name", d.name)
+    written, notes = [], []
+    # a run is read (and with --runs written) only under runs/<one safe name component>
+    unsafe = [r for r in rows if not (isinstance(r.get("run"), str) and r["run"] and
+                                      safe_name(r["run"], "") == r["run"])]
+    if unsafe:
+        notes.append(f"{len(unsafe)} row(s) of sweep.csv name no run folder (empty or unsafe "
+                     "run names); skipped.")
+        rows = [r for r in rows if not any(r is u for u in unsafe)]
+    if not isinstance(grid, dict):
+        raise ValidationError(str(d / "sweep.json"), f"'grid' is a {type(grid).__name__}, "
+                              "expected an object; it is not the file neurosim wrote.")
     points: dict = {}
     for r in rows:
         label = ", ".join(f"{k.split('.')[-1]}={r.get(k, '')}" for k in grid) or "base"
         points.setdefault(label, []).append(r)
-    written, notes = [], []
     series: dict = {}
     curves = []
     finals = {m: ([], []) for m in ("final_test_accuracy", "final_train_accuracy_running",

@@ -27,6 +27,16 @@ else:  # pragma: no cover
 
 _MODELS: dict = {}
 
+#: Seeds are stored as int64 in checkpoints: ``training.seed`` must lie in [0, 2**63).
+MAX_SEED = 2**63 - 1
+#: Time mode: at most this many time steps per phase (``phase_duration / dt``, checked with
+#: the scenario) and per trial (all phases, checked with the circuit). A trial runs inside one
+#: compiled call, so its length bounds how late Ctrl-C and the progress bar are honoured:
+#: 20 000 steps of the reference network (784-1024-10, batch 64) take about a second on one
+#: core.
+MAX_STEPS_PER_PHASE = 20_000
+MAX_STEPS_PER_TRIAL = 20_000
+
 
 def register_model(name: str, schema: dict, builder, runner=None, simulator=None):
     """Register a model: ``schema`` lists its ``[model]`` keys as ``key: (kind, default)``;
@@ -82,7 +92,7 @@ SCHEMA = {
         "schedule": (("step", "linear_decay"), "step"),
         "decay_start": ("prob", 0.5),
         "max_weight": ("float+", 1e4),
-        "seed": ("int0", 0),
+        "seed": ("seed", 0),
         "threads": ("int+", 1),
         "backend": (("numba", "numpy"), "numba"),
         "eval_every": ("int+", 1),
@@ -124,6 +134,12 @@ def _check(kind, value, where):
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValidationError(where, f"got {value!r}, expected true or false.")
+        return value
+    if kind == "seed":
+        _check("int0", value, where)
+        if value > MAX_SEED:
+            raise ValidationError(where, f"got {value}, expected an integer in [0, 2**63) (seeds "
+                                  "are stored as 64-bit integers).", "use a smaller seed.")
         return value
     if kind in ("int+", "int0"):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -317,6 +333,13 @@ def _check_simulation(sim: dict) -> None:
         raise ValidationError("simulation.phase_duration", f"got {sim['phase_duration']} s, "
                               f"shorter than simulation.dt = {sim['dt']} s.",
                               "a phase needs at least one time step.")
+    steps = sim["phase_duration"] / sim["dt"]
+    if steps > MAX_STEPS_PER_PHASE + 0.5:
+        raise ValidationError("simulation.phase_duration", f"got {sim['phase_duration']:g} s at "
+                              f"simulation.dt = {sim['dt']:g} s, i.e. {steps:.4g} time steps per "
+                              f"phase; at most {MAX_STEPS_PER_PHASE} are allowed, so that a "
+                              "trial takes about a second or less.",
+                              "shorten simulation.phase_duration or raise simulation.dt.")
     if sim["method"] == "euler" and sim["dt"] > sim["tau"]:
         raise ValidationError("simulation.dt", f"got {sim['dt']} s, larger than simulation.tau = "
                               f"{sim['tau']} s; forward Euler overshoots for dt > tau.",
@@ -355,15 +378,35 @@ def _check_monitors(mons: list) -> None:
 def load(path, overrides=()) -> dict:
     """Read a TOML scenario file, apply ``section.key=value`` overrides, and validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ValidationError("scenario", f"file {str(path)!r} not found.",
-                              "give the path to a .toml file, e.g. scenarios/pepita_mnist.toml.")
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValidationError(str(path), f"not valid TOML: {e}.") from None
+        if not path.is_file():
+            raise ValidationError("scenario", f"file {str(path)!r} not found.",
+                                  "give the path to a .toml file, e.g. "
+                                  "scenarios/pepita_mnist.toml.")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValidationError(str(path), f"cannot read the scenario ({type(e).__name__}: "
+                              f"{e.strerror or e}).", "check that the file and its folders are "
+                              "readable for you (chmod u+r, u+x on folders).") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValidationError(str(path), f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start}); TOML files are UTF-8.",
+                              "save the file as UTF-8, or check that it is the scenario.") from None
+    raw = _parse_toml(text, str(path))
     apply_overrides(raw, overrides)
     return validate(raw)
+
+
+def _parse_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValidationError(where, f"not valid TOML: {e}.") from None
+    except RecursionError:
+        raise ValidationError(where, "arrays or tables are nested too deeply to parse.",
+                              "a scenario needs at most a few levels of nesting.") from None
 
 
 def apply_overrides(raw: dict, overrides) -> None:
@@ -380,6 +423,9 @@ def apply_overrides(raw: dict, overrides) -> None:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value.strip()
+        except RecursionError:
+            raise ValidationError(f"--set {path}", "the value is nested too deeply to parse.") \
+                from None
         section = raw.setdefault(keys[0], {})
         if not isinstance(section, dict):
             raise ValidationError(f"--set {path}", f"{keys[0]!r} is not a section.")

@@ -40,6 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NeurosimError, SimulationError, ValidationError
+from .rundir import (FolderLock, atomic_write_text, check_fresh, check_inside, os_error,
+                     remove_stale_tmp, safe_name)
+
+#: What a sweep writes into its folder (a folder holding any of them without ``sweep.json`` is
+#: refused: a sweep never replaces files it did not write).
+SWEEP_FILES = ("sweep.json", "sweep.csv", "summary.md", "runs")
 
 HELP = "run a scenario over a parameter grid x seeds on dask.distributed (local or a cluster)"
 
@@ -225,10 +231,12 @@ def _check_circuits(runs, ds=None) -> None:
 
 # -- state of the run directories -------------------------------------------------------------------
 def _read_json(path: Path):
+    """A JSON object (dict) from ``path``; None if absent, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _previous_rows(out: Path) -> dict:
@@ -325,9 +333,7 @@ def run_one(settings: dict, run_dir: str, data_dir) -> dict:
 
 # -- outputs ----------------------------------------------------------------------------------------
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_csv(out: Path, grid: dict, runs: list[RunSpec]) -> None:
@@ -471,8 +477,24 @@ def main(args) -> int:
         raise ValidationError("--data", f"{args.data!r} is not a folder.",
                               "give the folder holding the dataset's files, e.g. "
                               "../shared/data/mnist.")
-    out = Path(args.out) if args.out else Path("sweeps") / base["name"]
+    if args.out:
+        out = Path(args.out)
+    else:   # the name is the user's text: one safe path component, inside sweeps/
+        out = Path("sweeps") / safe_name(base["name"], "sweep")
+        check_inside(out, Path("sweeps"), "name")
     out = out.resolve()
+    lock = FolderLock(out, "sweep").acquire()   # one sweep per folder, for its whole lifetime
+    try:
+        remove_stale_tmp(out, SWEEP_FILES)          # what a killed sweep left
+        if not (out / "sweep.json").is_file():
+            check_fresh(out, SWEEP_FILES, "sweep")
+        return _sweep(args, t_start, grid, base, runs, data_dir, out)
+    finally:
+        lock.release()
+
+
+def _sweep(args, t_start, grid, base, runs, data_dir, out: Path) -> int:
+    """The sweep proper, in the locked folder ``out``."""
     previous = _previous_rows(out)
     for r in runs:
         r.run_dir = out / "runs" / r.name
@@ -483,7 +505,10 @@ def main(args) -> int:
         from .training import load_data
 
         _check_circuits(pending, load_data(pending[0].settings, data_dir)[0])
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "runs").mkdir(exist_ok=True)
+    except OSError as e:
+        raise os_error(e, out / "runs", "create the runs folder") from None
     spec = {"scenario": str(args.scenario), "scenario_name": base["name"], "grid": grid,
             "seeds": _positive_int(args.seeds, "--seeds"), "seed0": base["training"]["seed"],
             "overrides": list(args.overrides), "data": data_dir, "runs": [r.name for r in runs]}

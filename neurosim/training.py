@@ -34,9 +34,15 @@ Failures
 --------
 A divergence (NaN/inf rates or weights, or a weight beyond ``training.max_weight``) raises
 :class:`~neurosim.errors.SimulationError` naming the epoch, phase, step, population or
-projection, with a hint. The checkpoints already written stay untouched; the run directory
-gets ``error.json``. A run that fails before its first checkpoint leaves no run directory
-behind (files it created are removed).
+projection, with a hint. A full disk, a permission or a read-only file system raises
+:class:`~neurosim.errors.ResourceError` naming the path; Ctrl-C raises ``KeyboardInterrupt``
+whose text says what was kept. In every case the checkpoints already written stay untouched,
+temporary files are removed and, once the run directory holds its ``scenario.toml``, it gets
+``error.json`` and can be continued with ``neurosim run --resume`` (from epoch 1 if no epoch
+finished). A run that fails before writing anything removes the folders it created.
+
+The run directory is locked for the run's lifetime and a new run never replaces files it did
+not write (:mod:`neurosim.rundir`, ``docs/runs.md``).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import io
 import json
 import math
 import os
-import shutil
+import re
 import sys
 import time
 import warnings
@@ -56,9 +62,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import rundir
 from . import scenario as sc
 from .compiler import compile_plan
-from .errors import NeurosimWarning, SimulationError, ValidationError
+from .errors import (DataError, NeurosimError, NeurosimWarning, ResourceError, SimulationError,
+                     ValidationError)
 from .diagnostics import GradientAlignment
 from .monitors import Monitor
 from .plasticity.optim import SGD
@@ -68,6 +76,19 @@ METRIC_FIELDS = ["epoch", "test_accuracy", "train_accuracy_running", "train_accu
                  "samples_per_s", "wall_s", "epoch_s"]
 MIN_TRACE_POINTS = 3
 """A monitor that would record fewer points than this over a whole run draws a warning."""
+
+#: The files and folders a run writes into its directory (a new run refuses a folder that holds
+#: any of them; ``--resume`` removes their stale ``.tmp`` files).
+RUN_FILES = ("scenario.toml", "metrics.csv", "summary.json", "traces.npz", "learning_curve.png",
+             "error.json", "checkpoints")
+
+#: Target duration in seconds of one compiled call while training or evaluating: Python (and so
+#: Ctrl-C) is entered between calls, which are sized from the measured time per minibatch.
+CALL_S = 0.25
+
+#: Memory check override: ``NEUROSIM_MEMORY_CHECK=off`` skips the comparison of the arena
+#: estimate with the available memory.
+MEMORY_CHECK_ENV = "NEUROSIM_MEMORY_CHECK"
 
 
 def make_simulator(settings: dict) -> Simulator:
@@ -102,6 +123,7 @@ def make_simulator(settings: dict) -> Simulator:
                                     synapses=m.get("synapses")))
         except ValidationError as e:
             raise _monitor_error(e, i) from None
+    _check_steps(protocol, settings)
     _check_memory(circuit, protocol, tr["batch_size"])
     try:
         plan = compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=mons,
@@ -161,25 +183,45 @@ def _monitor_error(e: ValidationError, i: int) -> ValidationError:
     return ValidationError(f"monitor[{i}].{attr}", e.message, e.hint)
 
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return None
+def _check_steps(protocol, settings) -> None:
+    """Refuse, before compiling, a protocol whose trials take more time steps than
+    :data:`neurosim.scenario.MAX_STEPS_PER_TRIAL` (a trial is never split between compiled
+    calls, so its length bounds how late Ctrl-C and progress are honoured)."""
+    if protocol.mode != "time":
+        return
+    steps = {ph.name: protocol.n_steps(ph) for ph in protocol.phases}
+    total = sum(steps.values())
+    if total > sc.MAX_STEPS_PER_TRIAL:
+        dt = settings["simulation"]["dt"]
+        raise ValidationError("simulation.phase_duration", f"the {len(steps)} phases of a trial "
+                              f"take {total} time steps at simulation.dt = {dt:g} s ("
+                              + ", ".join(f"{k}: {v}" for k, v in steps.items())
+                              + f"); at most {sc.MAX_STEPS_PER_TRIAL} are allowed per trial, "
+                              "so that a trial takes about a second or less.",
+                              "shorten simulation.phase_duration or raise simulation.dt.")
+
+
+def _available_memory() -> int | None:
+    return rundir.available_memory()
 
 
 def _check_memory(circuit, protocol, batch: int) -> None:
-    """Refuse, before allocating anything, a circuit whose arena cannot fit in memory."""
+    """Refuse, before allocating anything, a circuit whose arena does not fit in the memory
+    available now (``MemAvailable``), unless ``NEUROSIM_MEMORY_CHECK=off``."""
+    if os.environ.get(MEMORY_CHECK_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return
     weights = sum(a * b for a, b in (circuit.shape_of(p) for p in circuit.projections.values()))
     units = sum(p.size for p in circuit.populations.values())
     need = 4 * (4 * weights + 4 * (2 * len(protocol.phases) + 4) * units * batch)
-    limit = _physical_memory()
+    limit = _available_memory()
     if limit is not None and need > limit:
         raise ValidationError("training.batch_size" if 4 * 4 * weights < limit else "model",
                               f"the compiled circuit needs about {need / 2**30:.3g} GiB "
-                              f"({weights} weights, {units} units x batch {batch}); this machine "
-                              f"has {limit / 2**30:.3g} GiB.",
-                              "lower training.batch_size or the population sizes.")
+                              f"({weights} weights, {units} units x batch {batch}); "
+                              f"{limit / 2**30:.3g} GiB of memory are available now.",
+                              f"lower training.batch_size or the population sizes, or free "
+                              f"memory; if you know it fits (the estimate is an upper bound), "
+                              f"set {MEMORY_CHECK_ENV}=off to skip this check.")
 
 
 # Settings that do not change what a run computes: a run may be resumed with other values
@@ -211,20 +253,8 @@ def _legacy_hash(settings: dict) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - e.g. file systems without directory fsync
-        pass
+    """Temporary file + fsync + rename (:func:`neurosim.rundir.atomic_write_bytes`)."""
+    rundir.atomic_write_bytes(path, data)
 
 
 def _atomic_write_text(path: Path, text: str):
@@ -232,6 +262,11 @@ def _atomic_write_text(path: Path, text: str):
 
 
 CHECKPOINT_FORMAT = 2
+
+
+class CorruptCheckpointError(ValidationError):
+    """A checkpoint that cannot be read or fails its own checks (truncated, bit flips, missing
+    members); ``--resume`` then falls back to the previous checkpoint."""
 
 
 def save_checkpoint(path: Path, sim: Simulator, epoch: int, metrics: list, settings: dict):
@@ -269,9 +304,10 @@ def load_checkpoint(path: Path, sim: Simulator, settings: dict) -> tuple[int, li
             files = set(z.files)
             data = {k: z[k] for k in files}     # reads (and CRC-checks) every member
     except Exception as e:  # zip/npz corruption, truncated file, unreadable
-        raise ValidationError(where, f"cannot read the checkpoint ({type(e).__name__}: {e}); "
-                              "it is corrupt or truncated.",
-                              "delete it to resume from the previous checkpoint, if any.") from None
+        raise CorruptCheckpointError(where, f"cannot read the checkpoint ({type(e).__name__}: "
+                                     f"{e}); it is corrupt or truncated.",
+                                     "delete it to resume from the previous checkpoint, if "
+                                     "any.") from None
     try:
         h = bytes(data["scenario_hash"]).decode()
         if h not in (scenario_hash(settings), _legacy_hash(settings)):
@@ -305,8 +341,9 @@ def load_checkpoint(path: Path, sim: Simulator, settings: dict) -> tuple[int, li
     except ValidationError:
         raise
     except Exception as e:  # missing keys, wrong types, bad JSON, hash mismatch
-        raise ValidationError(where, f"the checkpoint is corrupt ({type(e).__name__}: {e}).",
-                              "delete it to resume from the previous checkpoint, if any.") from None
+        raise CorruptCheckpointError(where, f"the checkpoint is corrupt ({type(e).__name__}: "
+                                     f"{e}).", "delete it to resume from the previous "
+                                     "checkpoint, if any.") from None
     try:
         sim.load_state_dict({"mem": mem, "trial": trial, "step": step, "records": records})
     except ValidationError as e:
@@ -314,8 +351,22 @@ def load_checkpoint(path: Path, sim: Simulator, settings: dict) -> tuple[int, li
     return epoch, metrics
 
 
+_CHECKPOINT_NAME = re.compile(r"epoch-(\d+)\.npz")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run directory, oldest first (ordered by epoch number, so that
+    ``epoch-10000.npz`` follows ``epoch-9999.npz``)."""
+    found = []
+    for p in Path(run_dir, "checkpoints").glob("epoch-*.npz"):
+        m = _CHECKPOINT_NAME.fullmatch(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: Path):
-    ck = sorted(Path(run_dir, "checkpoints").glob("epoch-*.npz"))
+    ck = checkpoints(run_dir)
     return ck[-1] if ck else None
 
 
@@ -330,6 +381,9 @@ def load_data(settings: dict, data_dir=None):
         if e.where == "load_dataset.train_limit":
             raise ValidationError("data.train_limit", e.message, e.hint) from None
         raise
+    except OSError as e:  # e.g. a data folder without read or search permission
+        err = rundir.os_error(e, e.filename or data_dir or d["dir"], "read the data set")
+        raise DataError(err.where, err.message, err.hint) from None
     x_test, y_test = ds.x_test, ds.y_test
     if d["test_limit"]:
         x_test, y_test = x_test[: d["test_limit"]], y_test[: d["test_limit"]]
@@ -349,7 +403,10 @@ def _build(factory, settings: dict, n_train: int | None) -> Simulator:
     numbers of seconds are silenced (the scenario keys were checked when it was loaded)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sc.BareTimeWarning)
-        return factory(sc.with_trial_intervals(settings, n_train))
+        sim = factory(sc.with_trial_intervals(settings, n_train))
+    if factory is not make_simulator:        # make_simulator checks before compiling
+        _check_steps(sim.plan.protocol, settings)
+    return sim
 
 
 def check_trace_lengths(sim: Simulator, settings: dict, n_train: int) -> list:
@@ -381,10 +438,13 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
         log=print, simulator_factory=None) -> dict:
     """Run a validated scenario into ``out_dir``; returns the summary dict.
 
-    Everything that can be checked (scenario, circuit, data, the checkpoint to resume from) is
-    checked before anything is written. With ``resume``, training continues from the last
-    checkpoint in ``out_dir`` (from scratch if there is none). ``simulator_factory(settings)``
-    replaces the model's factory (:func:`simulator_for`)."""
+    Everything that can be checked (scenario, circuit, data) is checked before anything is
+    written. The run then locks ``out_dir`` (:class:`neurosim.rundir.FolderLock`; another
+    writer gets :class:`~neurosim.errors.FolderLockedError`) and, for a new run, refuses a
+    folder holding any of :data:`RUN_FILES`. With ``resume``, training continues from the last
+    intact checkpoint in ``out_dir`` (from scratch if there is none; a corrupt latest
+    checkpoint is moved aside to ``*.corrupt`` and the previous one used, saying so).
+    ``simulator_factory(settings)`` replaces the model's factory (:func:`simulator_for`)."""
     out = Path(out_dir)
     factory = simulator_factory or sc.simulator_for(settings) or make_simulator
     # validates the whole circuit before any I/O (epoch intervals for the nominal data size)
@@ -399,30 +459,73 @@ def run(settings: dict, out_dir, *, data_dir=None, resume: bool = False, progres
     if data_dir is not None:                 # so that --resume finds the data without --data
         settings = copy.deepcopy(settings)
         settings["data"]["dir"] = str(Path(data_dir).resolve())
-    metrics, start_epoch = [], 0
-    if resume:
-        ck = latest_checkpoint(out)
-        if ck is not None:
-            start_epoch, metrics = load_checkpoint(ck, sim, settings)
-            for r in metrics:   # checkpoints of neurosim 0.1 name the running accuracy so
-                if "train_accuracy" in r:
-                    r.setdefault("train_accuracy_running", r.pop("train_accuracy"))
-            log(f"resumed from {ck} (epoch {start_epoch})")
-    elif (out / "metrics.csv").exists() or latest_checkpoint(out) is not None:
-        raise ValidationError("--out", f"{str(out)!r} already holds a run.",
-                              "choose another --out, or continue it with --resume.")
-    before = set(out.iterdir()) if out.is_dir() else None
-    try:
-        summary = _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch,
-                         progress, log)
-    except BaseException as e:
-        _after_failure(out, before, e)
-        raise
-    try:
-        (out / "error.json").unlink()
-    except FileNotFoundError:
-        pass
+    with rundir.FolderLock(out, "run"):
+        rundir.remove_stale_tmp(out, RUN_FILES)       # what a killed writer left
+        rundir.remove_dead_tmp(out)                    # ... and a killed report
+        is_run = (out / "scenario.toml").is_file() and (out / "checkpoints").is_dir()
+        if resume and is_run:
+            start_epoch, metrics = _resume_point(out, sim, settings, ds, log)
+        else:   # a new run (or the resumption of a run that never started)
+            if is_run:
+                raise ValidationError("--out", f"{str(out)!r} already holds a run.",
+                                      "choose another --out, or continue it with --resume.")
+            rundir.check_fresh(out, RUN_FILES)
+            start_epoch, metrics = 0, []
+        made_checkpoints = not is_run and not (out / "checkpoints").is_dir()
+        try:
+            summary = _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch,
+                             progress, log)
+        except BaseException as e:
+            err = _after_failure(out, e, made_checkpoints)
+            if err is e:
+                raise
+            raise err from e
+        try:
+            (out / "error.json").unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise rundir.os_error(e, out / "error.json", "remove the error.json of an earlier "
+                                  "attempt") from None
     return summary
+
+
+def _resume_point(out: Path, sim: Simulator, settings: dict, ds, log) -> tuple[int, list]:
+    """Load the newest intact checkpoint of ``out`` into ``sim``; returns (epochs done,
+    metrics rows), (0, []) without checkpoints. Corrupt newer checkpoints are renamed to
+    ``<name>.corrupt`` (kept for inspection) and the outputs rewritten to match the one used."""
+    cks = checkpoints(out)
+    bad = []
+    for ck in reversed(cks):
+        try:
+            epoch, metrics = load_checkpoint(ck, sim, settings)
+        except CorruptCheckpointError as e:
+            bad.append((ck, e))
+            continue
+        for r in metrics:   # checkpoints of neurosim 0.1 name the running accuracy so
+            if "train_accuracy" in r:
+                r.setdefault("train_accuracy_running", r.pop("train_accuracy"))
+        if not bad:
+            log(f"resumed from {ck} (epoch {epoch})")
+            return epoch, metrics
+        for b, e in bad:
+            dest = b.with_name(b.name + ".corrupt")
+            try:
+                os.replace(b, dest)
+            except OSError as oe:
+                raise rundir.os_error(oe, b, "move the corrupt checkpoint aside") from None
+            log(f"checkpoint {b} is unusable: {e.message} Moved it to {dest.name}.")
+        log(f"resumed from the previous intact checkpoint, {ck} (epoch {epoch}); the later "
+            f"epochs are computed again")
+        _write_outputs(out, sim, settings, metrics, ds)   # metrics.csv etc. as of that epoch
+        return epoch, metrics
+    if bad:
+        ck, e = bad[0]
+        raise ValidationError(str(ck), f"{e.message} No intact checkpoint is left"
+                              + (f" (all {len(bad)} are corrupt)." if len(bad) > 1 else "."),
+                              "delete it (and any other checkpoint) to start again from epoch 1 "
+                              f"with neurosim run --resume {out}.")
+    return 0, []
 
 
 def _check_data_fits(sim: Simulator, ds, settings) -> None:
@@ -443,26 +546,73 @@ def _check_data_fits(sim: Simulator, ds, settings) -> None:
                                   f"make the last size {ds.n_classes}.")
 
 
-def _after_failure(out: Path, before, exc: BaseException) -> None:
-    """A failed run leaves either no trace (nothing was checkpointed: every file it created is
-    removed) or its last good checkpoint untouched plus ``error.json``."""
-    if latest_checkpoint(out) is None:
-        if before is None:
-            shutil.rmtree(out, ignore_errors=True)
-        elif out.is_dir():
-            for p in set(out.iterdir()) - before:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        return
-    if isinstance(exc, Exception):
-        info = {"error": type(exc).__name__, "message": str(exc),
-                "last_checkpoint": str(latest_checkpoint(out))}
-        for k in ("phase", "step", "population", "projection", "epoch"):
-            if getattr(exc, k, None) is not None:
-                info[k] = getattr(exc, k)
-        try:
-            _atomic_write_text(out / "error.json", json.dumps(info, indent=2, default=str))
-        except OSError:  # pragma: no cover - the original error matters more
-            pass
+def _kept(out: Path) -> str:
+    """What a failed or interrupted run leaves, and how to continue it."""
+    try:
+        ck = latest_checkpoint(out)
+    except OSError:
+        ck = None
+    if ck is not None:
+        epoch = int(_CHECKPOINT_NAME.fullmatch(ck.name).group(1))
+        kept = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+        return (f"{kept} kept (last checkpoint {ck}); continue with: neurosim run --resume "
+                f"{out}")
+    return (f"no epoch had finished; {out} keeps the scenario, and neurosim run --resume {out} "
+            "starts it again from epoch 1")
+
+
+def _after_failure(out: Path, exc: BaseException, made_checkpoints: bool) -> BaseException:
+    """Tidy up after a failed run and return the exception to raise.
+
+    Before the run wrote its ``scenario.toml`` (checked fresh, so nothing of the run's existed):
+    remove what it created; nothing is kept. After: the checkpoints already written stay
+    untouched, ``error.json`` records the failure (also for Ctrl-C), and the message says what
+    is kept and how to continue."""
+    if not (out / "scenario.toml").is_file():
+        if made_checkpoints:
+            try:
+                (out / "checkpoints").rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, KeyboardInterrupt):
+            return KeyboardInterrupt(f"interrupted before the run started; nothing was written "
+                                     f"into {out}.")
+        if isinstance(exc, OSError):
+            return rundir.os_error(exc, exc.filename or out)
+        return exc
+    state = _kept(out)
+    if isinstance(exc, SimulationError):
+        new = exc                                    # _diverged already says what is kept
+    elif isinstance(exc, KeyboardInterrupt):
+        new = KeyboardInterrupt(f"interrupted; {state}.")
+    elif isinstance(exc, (OSError, ResourceError)):
+        err = rundir.os_error(exc, exc.filename or out) if isinstance(exc, OSError) else exc
+        new = ResourceError(err.where, err.message, f"{(err.hint or '').rstrip('.')}; {state}.")
+    elif isinstance(exc, MemoryError):
+        new = ResourceError("memory", "the machine ran out of memory.",
+                            f"lower training.batch_size or the population sizes; {state}.")
+    elif isinstance(exc, NeurosimError):
+        new = exc
+    else:
+        return exc                                   # a bug: keep its traceback
+    info = {"error": type(exc).__name__, "message": str(new).strip() or type(exc).__name__,
+            "last_checkpoint": None}
+    try:
+        ck = latest_checkpoint(out)
+        info["last_checkpoint"] = str(ck) if ck is not None else None
+    except OSError:
+        pass
+    for k in ("phase", "step", "population", "projection", "epoch"):
+        if getattr(exc, k, None) is not None:
+            info[k] = getattr(exc, k)
+    info["continue_with"] = f"neurosim run --resume {out}"
+    try:
+        _atomic_write_text(out / "error.json", json.dumps(info, indent=2, default=str))
+    except (NeurosimError, OSError):
+        if isinstance(new, ResourceError):
+            new = ResourceError(new.where, new.message, f"{(new.hint or '').rstrip('.')}; "
+                                "error.json could not be written either.")
+    return new
 
 
 def _diverged(e: SimulationError, epoch: int, out: Path) -> SimulationError:
@@ -482,11 +632,67 @@ def _diverged(e: SimulationError, epoch: int, out: Path) -> SimulationError:
     return err
 
 
+class _Pace:
+    """Sizes compiled calls to about :data:`CALL_S` seconds from the measured time per
+    minibatch (the first call of a run takes one minibatch)."""
+
+    def __init__(self):
+        self.per_trial = None
+
+    def trials(self, cap: int) -> int:
+        if self.per_trial is None:
+            return 1
+        return max(1, min(cap, int(CALL_S / max(self.per_trial, 1e-9))))
+
+    def update(self, seconds: float, trials: int) -> None:
+        self.per_trial = seconds / max(trials, 1)
+
+
+def _train_epoch(sim, X, Y, order, cap: int, pace: _Pace, step) -> None:
+    """One epoch in calls of ``pace.trials(cap)`` minibatches (the slices of ``order`` are
+    whole minibatches, so the result is the same as one call)."""
+    B = sim.plan.batch
+    pos, n = 0, len(order)
+    while pos < n:
+        k = pace.trials(cap)
+        stop = min(n, pos + k * B)
+        t0 = time.perf_counter()
+        sim.train(X, Y, order[pos:stop], chunk=k, progress=lambda m, p=pos: step(p + m))
+        pace.update(time.perf_counter() - t0, -(-(stop - pos) // B))
+        pos = stop
+
+
+def _evaluate(sim, X, Y, pace: _Pace) -> float:
+    """Test accuracy: the model's own evaluation if it has one (FF), else :func:`_accuracy`."""
+    if type(sim).evaluate is not Simulator.evaluate:
+        return sim.evaluate(X, Y)
+    return _accuracy(sim, X, Y, pace)
+
+
+def _accuracy(sim, X, Y, pace: _Pace) -> float:
+    """Share of ``X`` that ``sim.predict`` classifies as ``Y``; for the engine's own predict in
+    calls of about :data:`CALL_S` seconds (slices of whole minibatches: the predictions are
+    those of one call)."""
+    if type(sim).predict is not Simulator.predict:      # a model's own (FF: Python loops)
+        return float(np.mean(sim.predict(X) == np.asarray(Y)))
+    B = sim.plan.batch
+    preds, pos, n = [], 0, len(X)
+    while pos < n:
+        stop = min(n, pos + pace.trials(1 << 30) * B)
+        t0 = time.perf_counter()
+        preds.append(sim.predict(X[pos:stop]))
+        pace.update(time.perf_counter() - t0, -(-(stop - pos) // B))
+        pos = stop
+    return float(np.mean(np.concatenate(preds) == np.asarray(Y))) if preds else float("nan")
+
+
 def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progress, log) -> dict:
     tr = settings["training"]
     opt = sim.plan.optimizer
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    try:
+        (out / "checkpoints").mkdir(exist_ok=True)
+    except OSError as e:
+        raise rundir.os_error(e, out / "checkpoints", "create the checkpoints folder") from None
     _atomic_write_text(out / "scenario.toml", sc.to_toml(settings))
     n = ds.x_train.shape[0]
     wall0 = time.perf_counter() - (metrics[-1]["wall_s"] if metrics else 0.0)
@@ -500,6 +706,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
     log_epochs = bar is None or bar.disable or not _isatty(sys.stdout)
     x_eval, y_eval = ds.x_train[: tr["train_eval"]], ds.y_train[: tr["train_eval"]]
     stats = sim.plan.buffer_index.get("stats.correct")
+    pace, eval_pace = _Pace(), _Pace()
     try:
         for epoch in range(start_epoch, tr["epochs"]):
             lr = opt.lr_at(epoch)
@@ -516,7 +723,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                     done[0] = k
             t0 = time.perf_counter()
             try:
-                sim.train(ds.x_train, ds.y_train, order, chunk=tr["chunk"], progress=step)
+                _train_epoch(sim, ds.x_train, ds.y_train, order, tr["chunk"], pace, step)
                 t_train = time.perf_counter() - t0
                 row = {"epoch": epoch + 1, "lr": lr, "samples_per_s": n / t_train,
                        "epoch_s": t_train}
@@ -528,8 +735,8 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
                 row["train_accuracy_eval"] = row["test_accuracy"] = float("nan")
                 if (epoch + 1) % tr["eval_every"] == 0 or epoch + 1 == tr["epochs"]:
                     if len(y_eval):   # predict, not evaluate: a model's evaluate may log
-                        row["train_accuracy_eval"] = float(np.mean(sim.predict(x_eval) == y_eval))
-                    row["test_accuracy"] = sim.evaluate(x_test, y_test)
+                        row["train_accuracy_eval"] = _accuracy(sim, x_eval, y_eval, eval_pace)
+                    row["test_accuracy"] = _evaluate(sim, x_test, y_test, eval_pace)
             except SimulationError as e:
                 raise _diverged(e, epoch + 1, out) from e
             row["wall_s"] = time.perf_counter() - wall0
@@ -537,7 +744,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
             _write_outputs(out, sim, settings, metrics, ds)
             ck = out / "checkpoints" / f"epoch-{epoch + 1:04d}.npz"
             save_checkpoint(ck, sim, epoch + 1, metrics, settings)
-            for old in sorted((out / "checkpoints").glob("epoch-*.npz"))[:-tr["keep_checkpoints"]]:
+            for old in checkpoints(out)[:-tr["keep_checkpoints"]]:
                 old.unlink()
             if bar is not None:
                 bar.set_postfix(test=f"{row['test_accuracy']:.4f}", lr=f"{lr:g}")
@@ -571,12 +778,12 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
-    with open(out / "metrics.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        for r in metrics:
-            w.writerow({k: r.get(k) for k in METRIC_FIELDS})
-    os.replace(out / "metrics.csv.tmp", out / "metrics.csv")
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+    w.writeheader()
+    for r in metrics:
+        w.writerow({k: r.get(k) for k in METRIC_FIELDS})
+    _atomic_write_text(out / "metrics.csv", f.getvalue())
     traces = sim.traces
     arrays = {}
     for k, t in traces.items():
@@ -662,7 +869,8 @@ def _plot(out: Path, metrics, settings):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / "learning_curve.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out / "learning_curve.png")
+    try:
+        rundir.atomic_write_file(out / "learning_curve.png",
+                                 lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -51,7 +51,9 @@ MEANING = {
     "simulation.mode": "`steady` (settled passes) or `time` (Euler steps of tau dr/dt = -r + f)",
     "simulation.dt": "time step (time mode); a number in seconds or a string like \"2 ms\"",
     "simulation.tau": "rate time constant of the non-instantaneous populations",
-    "simulation.phase_duration": "duration of each phase (time mode)",
+    "simulation.phase_duration": f"duration of each phase (time mode; at most "
+                                 f"{sc.MAX_STEPS_PER_PHASE} steps of `dt` per phase and "
+                                 f"{sc.MAX_STEPS_PER_TRIAL} per trial)",
     "simulation.method": "`euler` or `exp_euler` (exact for the leak)",
     "monitor.target": "`pop.r`, `pop.drive`, `proj.w`, `proj.dw`, `proj.norm`, `proj.update_norm`, `angle:F`, "
                       "`angle:B1`, `grad_angle:W1` (angle of the rule's update to the BP "
@@ -76,7 +78,7 @@ def _kind(kind) -> str:
             "float0": "number >= 0", "prob": "number in [0, 1)", "mom": "number in [0, 1)",
             "bool": "true / false", "str": "string", "time": "time (s, or \"10 ms\")",
             "list[int]": "list of integers", "pairs": "list of [post, pre] pairs",
-            "sample": "integer >= 0 or `mean`",
+            "sample": "integer >= 0 or `mean`", "seed": "integer in [0, 2**63)",
             "every": "integer >= 1 or \"x epoch\""}.get(kind, kind)
     return text + (", optional" if optional else "")
 

@@ -252,34 +252,55 @@ def test_checksum_mismatch_on_genuine_mnist(tmp_path, capsys):
     assert not out.exists()
 
 
-# -- failures leave no half-written run directory --------------------------------------------------
-def test_failed_run_leaves_no_half_written_run_dir(tmp_path, data, scen, capsys):
+# -- failures leave a resumable run directory with error.json, never half-written files ---------
+def test_failed_first_epoch_keeps_the_scenario_and_error_json(tmp_path, data, scen, capsys):
     out = tmp_path / "run"
     assert cli(["run", str(scen), "--data", str(data), "--out", str(out), "--no-progress",
                 "--set", "training.lr=1e6"]) == 2
     err = capsys.readouterr().err
     assert "epoch 1:" in err and "no checkpoint was written" in err, err
-    assert not out.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "error.json", "scenario.toml"]
+    assert list((out / "checkpoints").iterdir()) == []
+    info = json.loads((out / "error.json").read_text())
+    assert info["error"] == "SimulationError" and info["epoch"] == 1
+    assert info["last_checkpoint"] is None
+    # a new run refuses the folder; --resume repeats the (deterministic) divergence
+    assert cli(["run", str(scen), "--data", str(data), "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli(["run", "--resume", str(out), "--no-progress"]) == 2
+    assert "epoch 1:" in capsys.readouterr().err
+    # a folder of the user's: their file untouched, the run's files beside it
     given = tmp_path / "given"
     given.mkdir()
     (given / "notes.txt").write_text("mine")
     assert cli(["run", str(scen), "--data", str(data), "--out", str(given), "--no-progress",
                 "--set", "training.lr=1e6"]) == 2
-    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in given.iterdir()) == ["checkpoints", "error.json", "notes.txt",
+                                                       "scenario.toml"]
+    assert (given / "notes.txt").read_text() == "mine"
 
 
-def test_interrupted_first_epoch_leaves_nothing(tmp_path, data, scen, monkeypatch, capsys):
-    """Ctrl-C in the first epoch: exit 130 and the run directory is removed."""
+def test_interrupted_first_epoch_says_what_is_kept(tmp_path, data, scen, monkeypatch, capsys):
+    """Ctrl-C in the first epoch: exit 130, error.json, and a message that is true: no epoch
+    was kept, and --resume starts the run again."""
     from neurosim import simulator
 
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(simulator.Simulator, "train", interrupted)
-    out = tmp_path / "run"
-    assert cli(["run", str(scen), "--data", str(data), "--out", str(out), "--no-progress"]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    assert not out.exists()
+    with monkeypatch.context() as m:
+        m.setattr(simulator.Simulator, "train", interrupted)
+        out = tmp_path / "run"
+        assert cli(["run", str(scen), "--data", str(data), "--out", str(out),
+                    "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no epoch had finished" in err and "intact" not in err, err
+    assert f"neurosim run --resume {out} starts it again from epoch 1" in err
+    assert json.loads((out / "error.json").read_text())["error"] == "KeyboardInterrupt"
+    assert not list(out.rglob("*.tmp"))
+    assert cli(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert not (out / "error.json").exists()
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
 
 
 def test_resume_needs_no_data_flag_and_finished_run_is_a_noop(tmp_path, data, scen, capsys):

@@ -26,7 +26,7 @@ def _quiet(*a, **k):
     pass
 
 
-def test_huge_learning_rate_stops_in_epoch_one_and_leaves_nothing(tmp_path, data, scen, capsys):
+def test_huge_learning_rate_stops_in_epoch_one_and_writes_error_json(tmp_path, data, scen, capsys):
     out = tmp_path / "run"
     settings = sc.load(scen, ["training.lr=1e6"])
     with pytest.raises(SimulationError) as ei:
@@ -40,25 +40,31 @@ def test_huge_learning_rate_stops_in_epoch_one_and_leaves_nothing(tmp_path, data
     assert "Hint: lower the learning rate (training.lr)" in msg
     assert "no checkpoint was written" in msg
     assert msg.count("Hint:") == 1
-    assert not out.exists(), "a run that failed before its first checkpoint must leave no dir"
+    # no checkpoint, but the folder says what happened (error.json) and can be resumed
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "error.json", "scenario.toml"]
+    info = json.loads((out / "error.json").read_text())
+    assert info["error"] == "SimulationError" and info["epoch"] == 1
+    assert info["projection"] == e.projection and info["last_checkpoint"] is None
     # the same through the CLI: exit code 2, one line naming the projection
-    assert cli(["run", str(scen), "--out", str(out), "--data", str(data), "--no-progress",
+    out2 = out.parent / "run2"
+    assert cli(["run", str(scen), "--out", str(out2), "--data", str(data), "--no-progress",
                 "--set", "training.lr=1e6"]) == 2
     err = capsys.readouterr().err
     assert "runaway" in err or "NaN" in err
     assert "projection 'W" in err and "training.lr" in err
-    assert not out.exists()
+    assert (out2 / "error.json").is_file() and not list(out2.rglob("*.tmp"))
 
 
 def test_runaway_weights_and_a_preexisting_empty_out_dir(tmp_path, data, scen):
-    """max_weight trips on ordinary learning; the (empty) --out folder given is left empty."""
+    """max_weight trips on ordinary learning; the (empty) --out folder given gets the run's
+    scenario and error.json, nothing else."""
     out = tmp_path / "given"
     out.mkdir()
     settings = sc.load(scen, ["training.max_weight=0.2"])
     with pytest.raises(SimulationError, match="max_weight") as ei:
         training.run(settings, out, data_dir=data, progress=False, log=_quiet)
     assert ei.value.projection is not None
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "error.json", "scenario.toml"]
 
 
 def test_divergence_after_good_epochs_keeps_the_last_checkpoint(tmp_path, data, scen):

@@ -90,6 +90,8 @@ def invalid_value(kind):
         low = 1 if kind == "int+" else 0
         return st.one_of(st.integers(max_value=low - 1), st.floats(allow_nan=True),
                          st.booleans(), st.text(max_size=5), _JUNK)
+    if kind == "seed":   # an int0 below 2**63 (checkpoints store it as int64)
+        return st.one_of(invalid_value("int0"), st.integers(min_value=2**63))
     if kind in ("float+", "float0", "mom", "prob"):
         bad = {"float+": st.floats(max_value=0.0) | st.integers(-10**30, 0),
                "float0": st.floats(max_value=-1e-9) | st.integers(-10**30, -1),

@@ -262,22 +262,47 @@ def _corrupt_empty(p):
     p.write_bytes(b"")
 
 
-@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_garbage, _corrupt_flip,
-                                     _corrupt_member, _corrupt_missing_key, _corrupt_empty],
-                         ids=lambda f: f.__name__[9:])
-def test_corrupt_checkpoint_is_rejected_and_nothing_is_overwritten(tmp_path, reference,
-                                                                   corrupt, capsys):
+CORRUPTIONS = [_corrupt_truncate, _corrupt_garbage, _corrupt_flip, _corrupt_member,
+               _corrupt_missing_key, _corrupt_empty]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__[9:])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, corrupt,
+                                                                  capsys):
+    """The latest checkpoint (epoch 3) is corrupt: --resume says so, moves it aside untouched
+    to epoch-0003.npz.corrupt, resumes from epoch 2 and recomputes epoch 3 bit-identically."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     ck = training.latest_checkpoint(run)
+    assert ck.name == "epoch-0003.npz"
     corrupt(ck)
+    damaged = ck.read_bytes()
+    assert cli(["run", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {ck} is unusable" in out and ("corrupt" in out or "truncated" in out)
+    assert "previous intact checkpoint" in out and "epoch-0002.npz (epoch 2)" in out, out
+    assert (run / "checkpoints" / "epoch-0003.npz.corrupt").read_bytes() == damaged
+    _assert_identical(run, reference)
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__[9:])
+def test_no_intact_checkpoint_is_rejected_and_nothing_is_overwritten(tmp_path, reference,
+                                                                     corrupt, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for ck in training.checkpoints(run):
+        corrupt(ck)
+    ck = training.latest_checkpoint(run)
     before = _snapshot(run)
     assert cli(["run", "--resume", str(run), "--set", "training.epochs=4", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(ck) in err and ("corrupt" in err or "truncated" in err), err
-    assert "delete it" in err
+    assert "No intact checkpoint is left (all 2 are corrupt)" in err and "delete it" in err
     assert _snapshot(run) == before
 
 

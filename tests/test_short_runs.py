@@ -10,6 +10,7 @@ test runs every shipped training scenario for one epoch on 2000 genuine samples.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,9 @@ def figures(monkeypatch):
             panels.append((len(data) - sum(_visible(ln) for ln in data), len(data),
                            ax.get_xlabel(), ax.get_ylabel(),
                            [t.get_text() for t in legend.get_texts()] if legend else []))
-        seen[Path(fname).name.replace(".tmp", "")] = panels
+        # saved under a temporary name beside the file (.../x.png.tmp, or .x.png.PID-XXXX.tmp)
+        m = re.fullmatch(r"\.?(.+?\.png)\b.*", Path(fname).name)
+        seen[m.group(1) if m else Path(fname).name] = panels
         return save(fig, fname, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", spy)
