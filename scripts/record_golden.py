@@ -339,7 +339,8 @@ def one_epoch(settings: dict, data_dir) -> dict:
     top = np.sort(scores, axis=1)
     margin = (top[:, -1] - top[:, -2]) / np.maximum(np.abs(top[:, -1]), 1e-30)
     out = {"test_accuracy": summary["final_test_accuracy"],
-           "train_accuracy": summary["final_train_accuracy"],
+           "train_accuracy": summary.get("final_train_accuracy",
+                                         summary.get("final_train_accuracy_running")),
            "n_test": int(len(y_test)), "n_train": summary["n_train"],
            "predictions_sha256": sha256(np.argmax(scores, axis=1).astype(np.int64)),
            "fragile": {f"{m:g}": int(np.sum(margin < m)) for m in FRAGILE_MARGINS},
