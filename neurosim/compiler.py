@@ -1145,10 +1145,17 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
             meta.append(dict(key=mon.key, kind="stat", size=1, per="trial", every=mon.every))
             continue
         obj, var = mon.target.rsplit(".", 1)
+        if obj in circuit.projections and var in ("w", "dw"):
+            meta.append(_emit_weight_monitor(pb, mon, mi, obj, var, where))
+            continue
+        if mon.synapses is not None:
+            raise ValidationError(f"{where}.synapses", "synapses select entries of a weight "
+                                  "matrix: use them with a 'projection.w' or 'projection.dw' "
+                                  "target.")
         if obj in circuit.projections:
             if var not in ("norm", "update_norm"):
                 raise ValidationError(f"{where}.target", f"projection variable {var!r} unknown; "
-                                      "expected 'norm' or 'update_norm'.")
+                                      "expected 'w', 'dw', 'norm' or 'update_norm'.")
             if var == "update_norm" and obj not in pb.grads:
                 raise ValidationError(f"{where}.target", f"projection {obj!r} is not updated by "
                                       "any rule, so it has no update to measure.")
@@ -1188,6 +1195,44 @@ def _emit_monitors(pb, prb, monitors, time_mode, only_phase=None):
                          u0=u0, sample=-1 if mon.sample == "mean" else mon.sample, phase=phase))
     if only_phase is None:
         pb._monitor_meta = meta
+
+
+def _emit_weight_monitor(pb, mon, mi, proj, var, where) -> dict:
+    """``proj.w`` (the weights after the trial's optimizer step) or ``proj.dw`` (the rules' summed
+    update of the trial, descent direction, before the optimizer's lr/B and momentum), the whole
+    matrix or the chosen ``synapses`` (post, pre), every ``every`` trials."""
+    post, pre = pb.circuit.shape_of(pb.circuit.projections[proj])
+    if var == "dw":
+        if proj not in pb.grads:
+            raise ValidationError(f"{where}.target", f"projection {proj!r} has no end-of-trial "
+                                  f"update (updated: {list(pb.grads)}).",
+                                  "record its weights ('.w') instead.")
+        buf = pb._index[f"{proj}.dW"]     # read here, so the momentum step is not fused into it
+    else:
+        buf = pb.weight(proj)
+    if (mon.per or "trial") != "trial":
+        raise ValidationError(f"{where}.per", "weights are recorded per trial.")
+    with pb.at("trial_end"):
+        if mon.synapses is None:
+            pb.op("RECORD", where, src=buf, monitor=mi, per=1)
+            return dict(key=mon.key, kind="var", size=post * pre, per="trial",
+                        every=mon.every, u0=0, sample=-2, shape=(post, pre))
+        flat = []
+        for k, (i, j) in enumerate(mon.synapses):
+            if not (0 <= i < post and 0 <= j < pre):
+                raise ValidationError(f"{where}.synapses[{k}]", f"({i}, {j}) is outside the "
+                                      f"(post, pre) = ({post}, {pre}) matrix of {proj!r}.")
+            flat.append(i * pre + j)
+        if post * pre > 1 << 24:
+            raise ValidationError(f"{where}.synapses", f"{proj!r} has {post * pre} entries; "
+                                  "flat indices above 2^24 are not exact in float32.")
+        idx = pb.buffer(f"monitor{mi}.synapses", 1, len(flat), init=[flat], kind="constant")
+        picked = pb.buffer(f"monitor{mi}.picked", 1, len(flat))
+        with pb.every(mon.every, where):
+            pb.op("PICK", where, dst=picked, src=buf, idx=idx)
+        pb.op("RECORD", where, src=picked, monitor=mi, per=1)
+    return dict(key=mon.key, kind="var", size=len(flat), per="trial", every=mon.every, u0=0,
+                sample=0, synapses=tuple(mon.synapses))
 
 
 def _forward_chain(circuit, fb):

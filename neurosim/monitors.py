@@ -23,7 +23,10 @@ class Monitor:
     Parameters
     ----------
     target : str
-        ``"pop.r"`` or ``"pop.drive"``; ``"proj.norm"``, ``"proj.update_norm"``;
+        ``"pop.r"`` or ``"pop.drive"``; ``"proj.w"`` (the weights, after each trial's update),
+        ``"proj.dw"`` (the rules' summed update of the trial, descent direction, before the
+        optimizer's lr/B and momentum; recording it keeps the update explicit, so the momentum
+        step is not fused into its GEMM), ``"proj.norm"``, ``"proj.update_norm"``;
         ``"angle:F"`` (angle of F with the transposed product of the feedforward chain from F's
         post population to the error's output).
     phase : str, optional
@@ -37,6 +40,9 @@ class Monitor:
         Unit range for population variables (default all units).
     sample : int or ``"mean"``
         Batch row recorded, or the mean over the batch.
+    synapses : sequence of (post, pre) pairs, optional
+        With ``"proj.w"`` / ``"proj.dw"``: record only these entries of the matrix (default: the
+        whole matrix, values of shape (records, post, pre)).
     name : str, optional
         Key of the trace (default: target, with ``@phase`` for population variables).
     """
@@ -48,13 +54,25 @@ class Monitor:
     units: tuple | None = None
     sample: object = 0
     name: str | None = None
+    synapses: tuple | None = None
 
     def __post_init__(self):
         where = f"Monitor({self.target!r})"
+        if self.synapses is not None:
+            syn = self.synapses
+            ok = isinstance(syn, (tuple, list)) and len(syn) > 0 and all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and
+                all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0
+                    for v in p) for p in syn)
+            if not ok:
+                raise ValidationError(f"{where}.synapses", f"got {syn!r}, expected a non-empty "
+                                      "list of (post, pre) index pairs.")
+            object.__setattr__(self, "synapses", tuple((int(i), int(j)) for i, j in syn))
         if not isinstance(self.target, str) or not (
                 "." in self.target or self.target.startswith("angle:")):
             raise ValidationError(f"{where}.target", f"got {self.target!r}, expected "
-                                  "'population.r', 'population.drive', 'projection.norm', "
+                                  "'population.r', 'population.drive', 'projection.w', "
+                                  "'projection.dw', 'projection.norm', "
                                   "'projection.update_norm' or 'angle:F'.")
         if isinstance(self.every, str):
             raise ValidationError(f"{where}.every", f"got {self.every!r}, expected a whole number "

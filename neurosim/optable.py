@@ -190,7 +190,8 @@ def f_ref(xp, code_, x):
     if code_ == TANH:
         return xp.tanh(x)
     if code_ == SIGMOID:
-        return 1.0 / (1.0 + xp.exp(-x))
+        with np.errstate(over="ignore"):    # exp(-x) = inf for x << 0 gives 0, as the kernel
+            return 1.0 / (1.0 + xp.exp(-x))
     if code_ == ERF:
         return _erf(xp, x * (1.0 / math.sqrt(2.0)))
     if code_ == SOFTMAX:
@@ -212,7 +213,8 @@ def df_ref(xp, code_, x):
         t = xp.tanh(x)
         return 1.0 - t * t
     if code_ == SIGMOID:
-        s = 1.0 / (1.0 + xp.exp(-x))
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + xp.exp(-x))
         return s * (1.0 - s)
     if code_ == ERF:
         return math.sqrt(2.0 / math.pi) * xp.exp(-0.5 * x * x)
@@ -641,6 +643,15 @@ def _output(ctx, src):
     ctx.out[ctx.row0:ctx.row0 + src.shape[0], :] = src
 
 
+@_op("PICK", ("dst:out", "src:in", "idx:in"),
+     "dst[0, j] = src.flat[idx[0, j]] (row-major flat indices held as float32; chosen synapses "
+     "of a weight matrix for a monitor)")
+def _pick(ctx, dst, src, idx):
+    xp = ctx.xp
+    flat = xp.reshape(src, (-1,))
+    dst[0, :] = xp.take(flat, astype(xp, idx[0, :], xp.int64))
+
+
 def encode(name: str, **operands) -> tuple[list, list]:
     """One instruction of op ``name`` with its operands by name (defaults from the table; an
     absent optional buffer is -1): ``(prog row of 8 ints, fprm row of 6 floats)``. Raises
@@ -724,6 +735,9 @@ def check_shapes(name: str, shp: dict, ints: dict) -> str | None:
         return f"{show('dst')} must be a row with the columns of {show('src')}"
     if name == "BIAS" and (rows("bias") != 1 or shp["bias"][1] != shp["dst"][1]):
         return f"{show('bias')} must be a row with the columns of {show('dst')}"
+    if name == "PICK" and (rows("dst"), rows("idx")) != (1, 1) or \
+            name == "PICK" and shp["dst"][1] != shp["idx"][1]:
+        return f"{show('dst')} and {show('idx')} must be rows of the same length"
     if name in ("SUM", "SCALE_BY"):
         o = "dst" if name == "SUM" else "s"
         if (rows(o), shp[o][1]) != (1, 1):

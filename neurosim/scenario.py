@@ -58,7 +58,7 @@ def _models():
     return _MODELS
 
 
-# kind: "int+", "int0", "float+", "float0", "prob", "bool", "str", "time", "list[int]", "every",
+# kind: "int+", "int0", "float+", "float0", "prob", "bool", "str", "time", "list[int]", "pairs", "every",
 # choice tuple
 SCHEMA = {
     "name": ("str", "scenario"),
@@ -100,7 +100,8 @@ SCHEMA = {
 }
 MONITOR_SCHEMA = {"target": ("str", None), "phase": ("str?", None), "every": ("every", 1),
                   "per": (("step", "trial", None), None), "units": ("list[int]?", None),
-                  "sample": ("sample", 0), "name": ("str?", None)}
+                  "sample": ("sample", 0), "name": ("str?", None),
+                  "synapses": ("pairs?", None)}
 
 
 def _check(kind, value, where):
@@ -171,6 +172,14 @@ def _check(kind, value, where):
                 isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
             raise ValidationError(where, f"got {value!r}, expected a list of non-negative integers.")
         return list(value)
+    if kind == "pairs":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(p, list) and len(p) == 2 and all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+                for p in value):
+            raise ValidationError(where, f"got {value!r}, expected a list of [post, pre] index "
+                                  "pairs, e.g. [[0, 0], [3, 12]].")
+        return [list(p) for p in value]
     if kind == "sample":
         if value == "mean":
             return value

@@ -137,6 +137,8 @@ class Simulator:
                 st = np.zeros((0, 2), np.int64)
             if meta["kind"] == "stat":
                 vals = vals[:, 0]
+            elif "shape" in meta:      # a whole weight matrix per record
+                vals = vals.reshape((len(vals),) + tuple(meta["shape"]))
             if meta["per"] == "step":
                 t, unit = st[:, 1] * dt, "s"
             else:

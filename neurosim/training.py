@@ -98,7 +98,8 @@ def make_simulator(settings: dict) -> Simulator:
             else:
                 mons.append(Monitor(m["target"], phase=m["phase"], every=m["every"],
                                     per=m["per"], units=tuple(m["units"]) if m["units"] else None,
-                                    sample=m["sample"], name=m["name"]))
+                                    sample=m["sample"], name=m["name"],
+                                    synapses=m.get("synapses")))
         except ValidationError as e:
             raise _monitor_error(e, i) from None
     _check_memory(circuit, protocol, tr["batch_size"])

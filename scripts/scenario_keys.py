@@ -53,7 +53,7 @@ MEANING = {
     "simulation.tau": "rate time constant of the non-instantaneous populations",
     "simulation.phase_duration": "duration of each phase (time mode)",
     "simulation.method": "`euler` or `exp_euler` (exact for the leak)",
-    "monitor.target": "`pop.r`, `pop.drive`, `proj.norm`, `proj.update_norm`, `angle:F`, "
+    "monitor.target": "`pop.r`, `pop.drive`, `proj.w`, `proj.dw`, `proj.norm`, `proj.update_norm`, `angle:F`, "
                       "`angle:B1`, `grad_angle:W1` (angle of the rule's update to the BP "
                       "gradient), or a model's own (FF: `h1.goodness`)",
     "monitor.phase": "phase recorded (rates, drives; FF goodness); default: the first",
@@ -63,6 +63,7 @@ MEANING = {
     "monitor.units": "[start, stop) of the units to record",
     "monitor.sample": "batch row recorded, or `mean` over the batch",
     "monitor.name": "key in traces.npz (default: derived from the target)",
+    "monitor.synapses": "with `proj.w`/`proj.dw`: only these [post, pre] entries (default: the whole matrix)",
 }
 
 
@@ -74,7 +75,8 @@ def _kind(kind) -> str:
     text = {"int+": "integer >= 1", "int0": "integer >= 0", "float+": "number > 0",
             "float0": "number >= 0", "prob": "number in [0, 1)", "mom": "number in [0, 1)",
             "bool": "true / false", "str": "string", "time": "time (s, or \"10 ms\")",
-            "list[int]": "list of integers", "sample": "integer >= 0 or `mean`",
+            "list[int]": "list of integers", "pairs": "list of [post, pre] pairs",
+            "sample": "integer >= 0 or `mean`",
             "every": "integer >= 1 or \"x epoch\""}.get(kind, kind)
     return text + (", optional" if optional else "")
 

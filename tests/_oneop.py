@@ -948,6 +948,20 @@ def _c_scale_by(rng, mode):
     return Case(p, run, {"d": (want, 2 * U * np.abs(want))}, nb=nb)
 
 
+@case("PICK")
+def _c_pick(rng, mode):
+    """Chosen entries of a (weight-like) matrix by row-major flat index, held as float32."""
+    p, run, bt, nb = _setup(rng, mode)
+    rows, cols = 5, 7
+    idx = rng.choice(rows * cols, size=4, replace=False)
+    p.buf("d", 1, 4, False, rand(rng, (1, 4)))
+    p.buf("w", rows, cols, False, rand(rng, (rows, cols)))
+    p.buf("i", 1, 4, False, idx.reshape(1, 4).astype(np.float32))
+    want = p.init[1].astype(np.float64).reshape(-1)[idx].reshape(1, 4)
+    p.op("PICK", dst="d", src="w", idx="i")
+    return Case(p, run, {"d": (want, 0.0)}, nb=nb)
+
+
 @case("OUTPUT")
 def _c_output(rng, mode):
     mode = "batch" if mode == "fixed" else mode

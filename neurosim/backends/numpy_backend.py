@@ -231,8 +231,8 @@ def _data(xp, X, Y, T, order, start, n_trials, batch):
 
 class _Monitors:
     """RECORD and RECORD_STAT: the monitors' periods, capacities and record layout
-    (``rec_meta`` rows: value offset, size, capacity, every, u0, u1, sample row or -1 for the
-    batch mean, stamp offset), exactly as the compiled kernel fills ``rec``, ``stamps`` and
+    (``rec_meta`` rows: value offset, size, capacity, every, u0, u1, sample row, -1 for the
+    batch mean or -2 for the whole buffer, stamp offset), exactly as the compiled kernel fills ``rec``, ``stamps`` and
     ``rec_cnt``."""
 
     def __init__(self, xp, rec, stamps, meta, cnt, ctx):
@@ -253,7 +253,9 @@ class _Monitors:
         k = int(self.cnt[m])
         size, u0, srow = int(self.meta[m, 1]), int(self.meta[m, 4]), int(self.meta[m, 6])
         cols = src[:, u0:u0 + size]
-        if srow >= 0:
+        if srow == -2:  # the whole buffer, row-major (a weight matrix)
+            vals = self.xp.reshape(src, (-1,))
+        elif srow >= 0:
             vals = cols[srow, :]
         else:   # mean over the minibatch's rows
             vals = self.xp.sum(cols, axis=0) / float(src.shape[0])

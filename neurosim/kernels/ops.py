@@ -30,8 +30,8 @@ from ..optable import (BY_CODE, ERF, IDENTITY, NONFINITE_RATE, NONFINITE_WEIGHT,
 (NOP, ZERO, GEMM, TRANSFER, EULER, AXPY, COPY, SUB, BIAS, GATHER, ONEHOT, MASK, DERIV, MUL, SGD,
  RECORD, RECORD_STAT, GUARD, SCALE, EMBED_LABEL, WRONG_LABEL, COUNT_CORRECT, APPLY, ROW_SUMSQ,
  ROW_SCALE, ROW_NORMALIZE, AFFINE, COL_MEAN, SAMPLE_WRONG, GAUSS, ADD, DIV, UNARY, ROW_SUM,
- COL_SUM, SUM, FILL, LOAD_SCALAR, SCALE_BY, OUTPUT) = (s.code for s in BY_CODE)
-assert [s.name for s in BY_CODE][-1] == "OUTPUT" and len(BY_CODE) == 40, "op table changed"
+ COL_SUM, SUM, FILL, LOAD_SCALAR, SCALE_BY, OUTPUT, PICK) = (s.code for s in BY_CODE)
+assert [s.name for s in BY_CODE][-1] == "PICK" and len(BY_CODE) == 41, "op table changed"
 
 # operand columns the interpreter reads (numba freezes these module globals at compile time)
 _GEMM_TA, _GEMM_TB, _GEMM_FUSED, _GEMM_SLOT = (col("GEMM", n) for n in
@@ -449,6 +449,10 @@ def _record(dst, stamps, meta, cnt, m, src, trial, step):
     if srow >= 0:
         for j in range(size):
             dst[base + j] = src[srow, u0 + j]
+    elif srow == -2:  # the whole buffer, row-major (a weight matrix)
+        cols = src.shape[1]
+        for j in range(size):
+            dst[base + j] = src[j // cols, j % cols]
     else:  # mean over the batch
         for j in range(size):
             s = np.float32(0.0)
@@ -690,6 +694,14 @@ def _fill(dst, src):
 
 
 @njit(cache=True)
+def _pick(dst, src, idx):
+    cols = src.shape[1]
+    for j in range(dst.shape[1]):
+        f = int(idx[0, j])
+        dst[0, j] = src[f // cols, f % cols]
+
+
+@njit(cache=True)
 def _output(out, src, s0):
     for b in range(src.shape[0]):
         for c in range(src.shape[1]):
@@ -882,6 +894,9 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                         _affine(_view(mem, bufs, a, nb), sc, np.float32(0.0), False)
                     elif op == OUTPUT:
                         _output(out, _view(mem, bufs, a, nb), s0)
+                    elif op == PICK:
+                        _pick(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
+                              _view(mem, bufs, prog[i, 3], nb))
                     elif op == SAMPLE_WRONG:
                         _sample_wrong(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
                                       keys[prog[i, 3]], Y, order, s0, trial, batch)
