@@ -184,7 +184,7 @@ def make_simulator(settings) -> Simulator:
               decay_start=tr["decay_start"])
     mons = [Monitor(m["target"], phase=m["phase"], every=m["every"], per=m["per"],
                     units=tuple(m["units"]) if m["units"] else None, sample=m["sample"],
-                    name=m["name"]) for m in settings["monitor"]]
+                    name=m["name"], synapses=m.get("synapses")) for m in settings["monitor"]]
     plan = compile_plan(circuit, protocol, rules=rules, optimizer=opt, monitors=mons,
                         batch=tr["batch_size"], seed=tr["seed"], output=output,
                         targets=_TARGETS[name])
@@ -320,7 +320,7 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
     if sim.plan.monitors:
         arrays = {f"{k}/{f}": v for k, t in sim.traces.items() for f, v in t.to_dict().items()}
         np.savez(out / "traces.npz", **arrays)
-    _PLOTS[name](out / f"{name}.png", settings, rows, snaps, task, refs)
+    _PLOTS[name](out / f"{name}.png", settings, rows, snaps, task, refs, sim.traces)
     key = _MAIN[name]
     summary = {"scenario": settings["name"], "model": name, "epochs": tr["epochs"],
                "seed": tr["seed"], "mode": settings["simulation"]["mode"],
@@ -360,11 +360,19 @@ def _save(plt, fig, path):
     plt.close(fig)
 
 
-def _plot_oja(path, settings, rows, snaps, task, refs):
+def _plot_oja(path, settings, rows, snaps, task, refs, traces):
     plt, fig, (ax, bx) = _figure()
     ep = [r["epoch"] for r in rows]
-    ax.semilogy(ep, [max(r["angle_deg"], 1e-3) for r in rows], "o-", ms=4,
-                label="angle of W to PC 1")
+    ax.semilogy(ep, [max(r["angle_deg"], 1e-3) for r in rows], "o", ms=4,
+                label="angle of W to PC 1, per epoch")
+    if "W.w" in traces:      # a [[monitor]] of the weights: the angle between the epochs
+        tr = traces["W.w"]
+        w = tr.values.reshape(len(tr.values), -1).astype(np.float64)
+        cos = np.abs(w @ task.v1) / np.maximum(np.linalg.norm(w, axis=1), 1e-30)
+        per_epoch = math.ceil(len(task.X) / settings["training"]["batch_size"])
+        ax.semilogy((tr.trial + 1) / per_epoch, np.maximum(np.degrees(np.arccos(
+            np.minimum(cos, 1.0))), 1e-3), "-", color="C0", lw=0.8,
+            label="from the W.w monitor")
     ax.set_xlabel("epoch")
     ax.set_ylabel("angle (degrees)")
     ax2 = ax.twinx()
@@ -385,7 +393,7 @@ def _plot_oja(path, settings, rows, snaps, task, refs):
     _save(plt, fig, path)
 
 
-def _plot_bcm(path, settings, rows, snaps, task, refs):
+def _plot_bcm(path, settings, rows, snaps, task, refs, traces):
     plt, fig, (ax, bx) = _figure()
     ep = [r["epoch"] for r in rows]
     n = settings["model"]["neurons"]
@@ -409,7 +417,7 @@ def _plot_bcm(path, settings, rows, snaps, task, refs):
     _save(plt, fig, path)
 
 
-def _plot_pes(path, settings, rows, snaps, task, refs):
+def _plot_pes(path, settings, rows, snaps, task, refs, traces):
     plt, fig, (ax, bx) = _figure()
     ep = [r["epoch"] for r in rows]
     ax.semilogy(ep, [r["map_error"] for r in rows], "o-", ms=4, label="PES readout (test set)")
