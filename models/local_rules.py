@@ -37,6 +37,7 @@ from neurosim import (BCM, PES, SGD, Circuit, Monitor, Oja, Phase, Protocol, Sim
 from neurosim.init import Given
 from neurosim.rng import component_rng
 from neurosim.simulator import shuffled_order
+from neurosim.training import check_trace_lengths
 
 _TIMING = (("end", "continuous"), "end")
 
@@ -301,6 +302,7 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
     task = _TASKS[name](settings)
     sim = make_simulator(settings)
     tr = settings["training"]
+    check_trace_lengths(sim, sc.resolve_intervals(settings, len(task.X)), len(task.X))
     proj = _LEARNED[name]
     rows, snaps = [], [sim.weights[proj].copy()]
     rows.append({"epoch": 0, **task.measure(sim), "wall_s": time.perf_counter() - t0})
