@@ -29,11 +29,12 @@ __all__ = [
     "ResourceError", "FolderLockedError", "NeurosimWarning", "BareTimeWarning", "__version__",
 ]
 
-from .plasticity import NormalizedPEPITA, Oja, PEPITATimeLocal, WeightMirroring  # noqa: E402
+from .plasticity import (BCM, PES, Hebbian, NormalizedPEPITA, Oja, PEPITATimeLocal,  # noqa: E402
+                         WeightMirroring)
 from .diagnostics import GradientAlignment, PepitaAfaAngle  # noqa: E402
 
 __all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring", "Oja", "GradientAlignment",
-            "PepitaAfaAngle"]
+            "PepitaAfaAngle", "Hebbian", "BCM", "PES"]
 from .saving import LoadedRun, load_run, register_type  # noqa: E402
 
 __all__ += ["load_run", "LoadedRun", "register_type"]

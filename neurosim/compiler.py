@@ -566,6 +566,18 @@ class PlanBuilder:
             raise CompileError(f"population {pop!r} has no dropout, hence no mask")
         return Buf(self, self.buffer(f"{pop}.mask", 0, p.size, True, kind="state"))
 
+    def batch_size(self) -> Expr:
+        """Handle of the run-time minibatch size ``nb`` as a (1, 1) value, computed here (the
+        last minibatch of an epoch may have fewer rows than the compiled batch B). For a
+        per-sample term that reads no row of the minibatch, summed over it: a weight decay
+        ``decay * (pb.W(p) * pb.batch_size())``, which the optimizer's ``dW / nb`` turns into
+        exactly ``decay * W`` per sample."""
+        ones = self.buffer("batch_size.ones", 0, 1, True)
+        dst = self.temp(1, 1, False)
+        self.op("FILL", "minibatch size", dst=ones, src=self.constant(1.0))
+        self.op("COL_SUM", "minibatch size", dst=dst, src=ones, scale=1.0)
+        return Buf(self, dst)
+
     # -- data and label operations (no expression form: they read the trial's labels or draw
     #    from the counter RNG) --------------------------------------------------------------------
     def onehot(self, name: str, size: int, on: float = 1.0, off: float = 0.0) -> Expr:

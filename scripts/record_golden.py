@@ -30,6 +30,12 @@ pickle) and ``tests/golden/<name>.json`` (metadata). What is recorded depends on
   steps): the order parameters Q, R, v, b and the generalisation error, in full. The ODEs are
   numpy (not the engine) and are not recorded.
 
+* ``oja_pca``, ``bcm_selectivity``, ``pes_map`` (the local rules; their own runner on synthetic
+  data from the seed, :mod:`neurosim.models.local_rules`): as the trained networks, the state
+  (weights, momenta, BCM's threshold ``*.theta``) and the monitor traces after the first
+  ``N_BATCHES`` minibatches of epoch 0 as the runner trains them, with the one-ulp sensitivity;
+  no accuracy.
+
 * ``crosscheck_small`` (no learning rule; made for ``neurosim crosscheck``): the neurosim side of
   the cross-check: the circuit compiled with batch 1 and one per-step monitor per monitored
   (population, variable, phase), run for :data:`XC_TRIALS` trials on the seeded uniform inputs
@@ -42,7 +48,9 @@ drawn from ``SAMPLE_SEED`` and the size (the indices are stored once per size as
 ``index/<size>``). For state buffers the files also hold the size of the change training made
 (max, sum and RMS of ``|final - initial|``, and the SHA-256 of the initial values), and the JSON
 holds ``ulp_sensitivity``: how far the state moves when every trained weight starts one ulp away
-(:func:`ulp_sensitivity`), the measured conditioning on which the test's tolerance is built.
+(:func:`ulp_sensitivity`), the measured conditioning on which the test's tolerance is built
+(local-rule scenarios: every weight, fixed ones included, since the learned readout of
+``pes_map`` starts at zero and its rounding enters through the fixed recurrent circuit).
 
 Usage::
 
@@ -104,7 +112,8 @@ TS_TIMES = (0.0, 0.01, 0.1, 1.0)   # teacher-student output times (samples / N)
 XC_TRIALS = 3                      # crosscheck trials, as `neurosim crosscheck` runs by default
 FRAGILE_MARGINS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
-SPECIAL = {"teacher_student": "teacher_student", "crosscheck": "crosscheck"}
+SPECIAL = {"teacher_student": "teacher_student", "crosscheck": "crosscheck",
+           "oja_pca": "local", "bcm_selectivity": "local", "pes_map": "local"}
 
 
 # -- digests ----------------------------------------------------------------------------------------
@@ -213,7 +222,7 @@ def load_settings(name: str, overrides=()) -> dict:
 
 def kind_of(settings: dict) -> str:
     """The scenario's kind: "train" (a network trained by the standard loop),
-    "teacher_student" or "crosscheck"."""
+    "teacher_student", "crosscheck" or "local" (a local rule on its synthetic data)."""
     return SPECIAL.get(settings["model"]["name"], "train")
 
 
@@ -269,7 +278,38 @@ def train_minibatches(settings: dict, data_dir, n_batches: int = N_BATCHES, pert
     return sim, initial
 
 
-def ulp_sensitivity(settings: dict, data_dir, final: dict, initial: dict) -> tuple[dict, list]:
+def train_local_minibatches(settings: dict, data_dir=None, n_batches: int = N_BATCHES,
+                            perturb=(), draw: int = 0):
+    """:func:`train_minibatches` for the local-rule scenarios: their simulator after the first
+    ``n_batches`` minibatches of epoch 0 of their synthetic data, as their runner
+    (:func:`neurosim.models.local_rules.run`) trains them; the state includes BCM's threshold.
+    ``data_dir`` is unused (the data come from the seed)."""
+    from neurosim.models import local_rules as lr
+    from neurosim.rng import component_rng
+    from neurosim.simulator import shuffled_order
+
+    name = settings["model"]["name"]
+    task = lr._TASKS[name](settings)
+    sim = lr.make_simulator(settings)
+    rng = component_rng(SAMPLE_SEED, f"golden:ulp:{draw}")
+    for proj in perturb:
+        w = sim.buffer(f"{proj}.W")
+        up = rng.random(w.shape) < 0.5
+        moved = np.where(up, np.nextafter(w, np.float32(np.inf)),
+                         np.nextafter(w, np.float32(-np.inf)))
+        sim.set_weights(proj, np.where(w == 0, w, moved))
+    names = state_names(sim) + [n for n in sim.plan.buffer_index if n.endswith(".theta")]
+    initial = {n: sim.buffer(n) for n in names}
+    tr = settings["training"]
+    sim.set_lr(sim.plan.optimizer.lr_at(0))
+    sim.set_epoch(0)
+    order = shuffled_order(tr["seed"], 0, len(task.X))[: n_batches * tr["batch_size"]]
+    sim.train(task.X, order=order, T=task.T, chunk=tr["chunk"])
+    return sim, initial
+
+
+def ulp_sensitivity(settings: dict, data_dir, final: dict, initial: dict,
+                    train=train_minibatches, every_weight: bool = False) -> tuple[dict, list]:
     """How much the state after the minibatches moves when every weight that training changes
     starts one ulp away (random signs): per state buffer, the RMS of the deviation divided by the
     RMS of the change training made, the largest over :data:`ULP_DRAWS` independent sign draws
@@ -277,11 +317,11 @@ def ulp_sensitivity(settings: dict, data_dir, final: dict, initial: dict) -> tup
     training map amplifies rounding-sized perturbations; tests/test_golden.py builds the
     tolerance on it. Returns that dict and each draw's largest value."""
     moved = [n[:-2] for n in initial                 # "<projection>.W" that training changes
-             if n.endswith(".W") and not np.array_equal(final[n], initial[n])]
+             if n.endswith(".W") and (every_weight or not np.array_equal(final[n], initial[n]))]
     out: dict = {}
     per_draw = []
     for draw in range(ULP_DRAWS):
-        sim, _ = train_minibatches(settings, data_dir, perturb=moved, draw=draw)
+        sim, _ = train(settings, data_dir, perturb=moved, draw=draw)
         worst = 0.0
         for n, a0 in initial.items():
             change = final[n].astype(np.float64) - a0.astype(np.float64)
@@ -295,8 +335,9 @@ def ulp_sensitivity(settings: dict, data_dir, final: dict, initial: dict) -> tup
     return out, per_draw
 
 
-def record_train(settings: dict, data_dir, accuracy: bool, sensitivity: bool = True):
-    sim, initial = train_minibatches(settings, data_dir)
+def record_train(settings: dict, data_dir, accuracy: bool, sensitivity: bool = True,
+                 train=train_minibatches, every_weight: bool = False):
+    sim, initial = train(settings, data_dir)
     arrays: dict = {}
     final = {n: sim.buffer(n) for n in initial}
     for n, a0 in initial.items():
@@ -309,7 +350,7 @@ def record_train(settings: dict, data_dir, accuracy: bool, sensitivity: bool = T
             "traces": sorted(sim.traces)}
     if sensitivity:
         meta["ulp_sensitivity"], meta["ulp_sensitivity_draws"] = ulp_sensitivity(
-            settings, data_dir, final, initial)
+            settings, data_dir, final, initial, train, every_weight)
     if accuracy:
         meta["accuracy"] = one_epoch(settings, data_dir)
     return arrays, meta
@@ -427,6 +468,11 @@ def record(name: str, data: dict, accuracy: bool = True,
         arrays, m = record_teacher_student(settings)
     elif kind == "crosscheck":
         arrays, m = record_crosscheck(settings)
+    elif kind == "local":
+        meta["command"] = (f"neurosim run scenarios/{name}.toml (first {N_BATCHES} minibatches "
+                           "of epoch 0)")
+        arrays, m = record_train(settings, None, False, sensitivity, train_local_minibatches,
+                                 every_weight=True)
     else:
         dataset = settings["data"]["dataset"]
         d = find_data(dataset, data)

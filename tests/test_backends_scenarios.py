@@ -29,7 +29,8 @@ from neurosim.simulator import shuffled_order
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.toml")
-                   if p.stem not in ("teacher_student", "crosscheck_small"))
+                   if p.stem not in ("teacher_student", "crosscheck_small", "oja_pca",
+                                      "bcm_selectivity", "pes_map"))
 
 
 def _sim(settings, backend):

@@ -2,8 +2,9 @@ r"""Golden-file regression tests: today's engine outputs for every scenario (iss
 regression"), recorded by ``scripts/record_golden.py`` into ``tests/golden/``.
 
 For every scenario the test recomputes what the recorder recorded (the state after the first 20
-minibatches of epoch 0 and the monitor traces over them; teacher_student: the online simulation's
-order parameters; crosscheck_small: the neurosim side of the Brian2 cross-check) and compares:
+minibatches of epoch 0 and the monitor traces over them, also for the local-rule scenarios on
+their synthetic data; teacher_student: the online simulation's order parameters;
+crosscheck_small: the neurosim side of the Brian2 cross-check) and compares:
 
 * ``test_golden_within_tolerance`` (required): within the float32 tolerance derived below;
 * ``test_golden_bitwise``: every recorded SHA-256 (and every array stored in full) identical.
@@ -403,7 +404,7 @@ def test_golden_within_tolerance(name):
     new, nmeta = recomputed(name)
     settings = rg.load_settings(name)
     kind = gmeta["kind"]
-    if kind == "train":
+    if kind in ("train", "local"):
         assert nmeta["trials"] == gmeta["trials"] and nmeta["steps"] == gmeta["steps"]
         rho = state_tolerance(settings, gmeta)
         problems, devs = check_state(new, gold, rho)

@@ -26,8 +26,10 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 PLOTS = ("report-learning-curves.png", "report-alignment-angles.png", "report-goodness.png",
          "report-traces.png")
 # not trained on a data set by `neurosim run`: the Brian2 cross-check circuit (no rule; its own
-# command) and the teacher-student ODE comparison (its own runner, no data set)
-NOT_TRAINED = {"crosscheck_small.toml", "teacher_student.toml"}
+# command), the teacher-student ODE comparison and the local-rule scenarios (their own runners
+# on synthetic data, tests/test_local_scenarios.py)
+NOT_TRAINED = {"crosscheck_small.toml", "teacher_student.toml", "oja_pca.toml",
+               "bcm_selectivity.toml", "pes_map.toml"}
 TRAINED = sorted(p for p in (REPO / "scenarios").glob("*.toml") if p.name not in NOT_TRAINED)
 
 

@@ -14,6 +14,6 @@ __all__ += ["Contrastive", "NormalizedPopulation", "PepitaHebbian", "ForwardForw
 from .pepita_variants import NormalizedPEPITA, PEPITATimeLocal, WeightMirroring
 
 __all__ += ["NormalizedPEPITA", "PEPITATimeLocal", "WeightMirroring"]
-from .local import Oja
+from .local import BCM, PES, Hebbian, LocalRule, Oja
 
-__all__ += ["Oja"]
+__all__ += ["Oja", "Hebbian", "BCM", "PES", "LocalRule"]
