@@ -29,6 +29,17 @@ def genuine_mnist_dir() -> Path:
 
 
 MNIST = genuine_mnist_dir()
+
+#: Scenarios that do not train on a dataset through the standard training loop (their own data
+#: and runners; tested by test_teacher_student.py, test_brian2_interop.py, test_local_scenarios.py).
+NOT_DATASET_SCENARIOS = ("teacher_student", "crosscheck_small", "oja_pca", "bcm_selectivity",
+                         "pes_map")
+
+
+def dataset_scenarios() -> list:
+    """File names of the shipped scenarios that train on a dataset (MNIST-like)."""
+    return sorted(p.name for p in (REPO / "scenarios").glob("*.toml")
+                  if p.stem not in NOT_DATASET_SCENARIOS)
 HAVE_MNIST = (MNIST / "train-images-idx3-ubyte.gz").is_file()
 
 

@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tinyrun import HAVE_MNIST, MNIST
+from _tinyrun import dataset_scenarios, HAVE_MNIST, MNIST
 from neurosim import scenario as sc
 from neurosim import training
 from neurosim.simulator import shuffled_order
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.toml")
-                   if p.stem not in ("teacher_student", "crosscheck_small", "oja_pca",
-                                      "bcm_selectivity", "pes_map"))
+SCENARIOS = dataset_scenarios()
 
 
 def _sim(settings, backend):

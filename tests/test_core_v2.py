@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _tinyrun import dataset_scenarios
 from neurosim import Simulator
 from neurosim import scenario as sc
 from neurosim import training
 from neurosim.simulator import shuffled_order
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.toml")
-                   if p.stem not in ("teacher_student", "crosscheck_small", "oja_pca",
-                                      "bcm_selectivity", "pes_map"))
+SCENARIOS = dataset_scenarios()
 
 
 def _settings(name, data):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tinyrun import write_tiny_scenario
+from _tinyrun import dataset_scenarios, write_tiny_scenario
 from conftest import make_data
 from neurosim import (SGD, Circuit, Given, Monitor, Normal, Oja, PEPITA, Phase, Protocol,
                       Simulator, ValidationError, compile_plan, load_run, register_type)
@@ -34,8 +34,7 @@ from neurosim.models.forward_forward import FFSimulator
 from neurosim.simulator import shuffled_order
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = sorted(p.name for p in (REPO / "scenarios").glob("*.toml")
-                   if p.stem not in ("teacher_student", "crosscheck_small"))
+SCENARIOS = dataset_scenarios()
 
 
 def same_bits(a, b) -> bool:
