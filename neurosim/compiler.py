@@ -520,13 +520,7 @@ class PlanBuilder:
         """Add ``expr`` to ``target`` in place (``target += expr``; a handle or a buffer index):
         matrix products accumulate in their GEMM (beta 1), other terms by AXPY. ``expr`` must
         not read ``target``."""
-        dst = target.index if isinstance(target, Buf) else int(target)
-        expr = _as_expr(self, expr)
-        r, c, b = self.shape(dst)
-        if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
-            raise CompileError(f"{where}: cannot add {expr.shape} to buffer "
-                               f"{self.name_of(dst)!r} of shape {(r, c)}")
-        emit_into(dst, expr, where or self.name_of(dst), accumulate=True)
+        self._write(target, expr, where, accumulate=True)
 
     def update(self, proj: str, expr, where: str | None = None) -> None:
         """Add ``expr`` (post x pre) to projection ``proj``'s summed update ``dW`` (descent
@@ -549,13 +543,16 @@ class PlanBuilder:
 
     def assign(self, target, expr, where: str = "") -> None:
         """Write ``expr`` into ``target`` (a handle of a buffer, or a buffer index)."""
+        self._write(target, expr, where, accumulate=False)
+
+    def _write(self, target, expr, where, accumulate):
         dst = target.index if isinstance(target, Buf) else int(target)
         expr = _as_expr(self, expr)
         r, c, b = self.shape(dst)
         if (expr.cols, expr.batch) != (c, b) or (not b and expr.rows != r):
-            raise CompileError(f"{where}: cannot assign {expr.shape} to buffer "
-                               f"{self.name_of(dst)!r} of shape {(r, c)}")
-        emit_into(dst, expr, where or self.name_of(dst))
+            raise CompileError(f"{where}: cannot {'add' if accumulate else 'assign'} "
+                               f"{expr.shape} to buffer {self.name_of(dst)!r} of shape {(r, c)}")
+        emit_into(dst, expr, where or self.name_of(dst), accumulate=accumulate)
 
     def mask(self, pop: str) -> Expr:
         """Handle of population ``pop``'s dropout mask of the trial (batch, size): 0 or

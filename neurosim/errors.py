@@ -12,7 +12,20 @@ class NeurosimError(Exception):
     """Base class of every exception raised by neurosim."""
 
 
-class ValidationError(NeurosimError, ValueError):
+class _Located:
+    """The ``where`` / ``message`` / ``hint`` pattern shared by the error types."""
+
+    def __init__(self, where: str, message: str, hint: str | None = None):
+        self.where = where
+        self.message = message
+        self.hint = hint
+        text = f"{where}: {message}"
+        if hint:
+            text += f" Hint: {hint}"
+        Exception.__init__(self, text)
+
+
+class ValidationError(_Located, NeurosimError, ValueError):
     """Bad input: a description, a scenario key, a file. Raised before anything is written.
 
     Parameters
@@ -26,17 +39,8 @@ class ValidationError(NeurosimError, ValueError):
         A likely fix (optional).
     """
 
-    def __init__(self, where: str, message: str, hint: str | None = None):
-        self.where = where
-        self.message = message
-        self.hint = hint
-        text = f"{where}: {message}"
-        if hint:
-            text += f" Hint: {hint}"
-        super().__init__(text)
 
-
-class ResourceError(NeurosimError):
+class ResourceError(_Located, NeurosimError):
     """The file system or the machine refused: a full disk, a read-only or unreadable folder, a
     path blocked by a file, too little memory, or a run directory locked by another process.
 
@@ -44,15 +48,6 @@ class ResourceError(NeurosimError):
     path concerned. Not an ``OSError``, so that generic ``except OSError`` fallbacks do not
     swallow it.
     """
-
-    def __init__(self, where: str, message: str, hint: str | None = None):
-        self.where = where
-        self.message = message
-        self.hint = hint
-        text = f"{where}: {message}"
-        if hint:
-            text += f" Hint: {hint}"
-        super().__init__(text)
 
 
 class FolderLockedError(ResourceError):

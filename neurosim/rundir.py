@@ -200,27 +200,14 @@ def atomic_write_bytes(path: Path, data, *, unique: bool = False) -> None:
     name unique to this call with ``unique=True`` for writers that hold no lock), fsync, rename,
     fsync of the folder. On any failure (disk full, Ctrl-C, ...) the temporary file is removed;
     an ``OSError`` is raised as a :class:`ResourceError` naming ``path``."""
-    path = Path(path)
-    tmp = _tmp_path(path, unique)
-    fd = None
-    try:
+    def write(tmp):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = None
-        os.replace(tmp, path)
-    except BaseException as e:
-        if fd is not None:
-            os.close(fd)
         try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise os_error(e, path) from None
-        raise
-    _fsync_dir(path.parent)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    atomic_write_file(path, write, unique=unique)
 
 
 def atomic_write_text(path: Path, text: str, *, unique: bool = False) -> None:

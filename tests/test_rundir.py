@@ -108,7 +108,7 @@ def test_two_runs_and_a_resume_on_one_folder(tmp_path, data, scen, reference):
                 p.kill()
     errs = {p.pid: p.communicate(timeout=60)[1] for p in procs}
     loser = b if winner is a else a
-    assert loser.returncode == 2
+    assert loser.returncode == 2, errs[loser.pid]
     _clean_error(errs[loser.pid], f"in use by process {winner.pid}", "kill")
     assert c.returncode == 2
     if "not a run directory" not in errs[c.pid]:
