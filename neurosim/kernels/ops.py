@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 from numba import njit, prange
-from numpy.lib.stride_tricks import as_strided
 
 from .blas import gemm_par, gemm_rm
 from .rng import normal01, uniform01
@@ -99,7 +98,7 @@ def all_finite(a):
     """True if every element is finite: a float32 is NaN or inf exactly when its exponent bits
     are all ones, so the check is an integer max-reduction (it vectorises, and no floating-point
     flag can fold it away)."""
-    u = as_strided(a, shape=(a.size,), strides=(4,)).view(np.uint32)
+    u = a.reshape(-1).view(np.uint32)
     m = np.uint32(0)
     for i in range(u.shape[0]):
         e = u[i] & _EXP_MASK
@@ -432,9 +431,9 @@ def _view(mem, bufs, i, nb):
     off = bufs[i, 0]
     rows = nb if bufs[i, 3] == 1 else bufs[i, 1]
     cols = bufs[i, 2]
-    # as_strided instead of reshape: the same view, without reshape's error-formatting code,
-    # which was a third of the interpreter's compile time
-    return as_strided(mem[off:off + rows * cols], shape=(rows, cols), strides=(cols * 4, 4))
+    # reshape (not as_strided) keeps the C-contiguous array type, so the element-wise loops of
+    # the ops vectorise; not inlining this function compiles reshape's error paths only once
+    return mem[off:off + rows * cols].reshape((rows, cols))
 
 
 @njit(cache=True)
@@ -501,7 +500,23 @@ def _fail(info, i, rep, trial, bl, status):
 
 @njit(cache=True, error_model="numpy")
 def _bcast_op(op, dst, x, y):
-    """dst = x (op) y element-wise, ``y`` broadcast from (1, cols), (rows, 1) or (1, 1)."""
+    """dst = x (op) y element-wise, ``y`` broadcast from (1, cols), (rows, 1) or (1, 1). Equal
+    shapes take loops of their own (one per op, so that they vectorise)."""
+    if y.shape[0] == dst.shape[0] and y.shape[1] == dst.shape[1]:
+        for b in range(dst.shape[0]):
+            if op == SUB:
+                for c in range(dst.shape[1]):
+                    dst[b, c] = x[b, c] - y[b, c]
+            elif op == MUL:
+                for c in range(dst.shape[1]):
+                    dst[b, c] = x[b, c] * y[b, c]
+            elif op == ADD:
+                for c in range(dst.shape[1]):
+                    dst[b, c] = x[b, c] + y[b, c]
+            else:
+                for c in range(dst.shape[1]):
+                    dst[b, c] = x[b, c] / y[b, c]
+        return
     rs = 0 if y.shape[0] == 1 else 1
     cs = 0 if y.shape[1] == 1 else 1
     for b in range(dst.shape[0]):
