@@ -140,7 +140,7 @@ def _announce_compile(dispatcher, parallel: bool):
     t0 = time.perf_counter()
     if not cached and _verbose():
         print(f"neurosim: compiling the simulation kernels{' (parallel variant)' if parallel else ''}"
-              f" for the first time; this takes about {30 if parallel else 15} s once, later "
+              f" for the first time; this takes {'30-50' if parallel else '15-25'} s once, later "
               "runs load them from the cache ...", file=sys.stderr, flush=True)
     yield
     if not cached and _verbose():

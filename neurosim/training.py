@@ -707,6 +707,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
     x_eval, y_eval = ds.x_train[: tr["train_eval"]], ds.y_train[: tr["train_eval"]]
     stats = sim.plan.buffer_index.get("stats.correct")
     pace, eval_pace = _Pace(), _Pace()
+    last_plotted = -1   # len(metrics) when learning_curve.png was last drawn
     try:
         for epoch in range(start_epoch, tr["epochs"]):
             lr = opt.lr_at(epoch)
@@ -742,6 +743,7 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
             row["wall_s"] = time.perf_counter() - wall0
             metrics.append(row)
             _write_outputs(out, sim, settings, metrics, ds)
+            last_plotted = len(metrics)
             ck = out / "checkpoints" / f"epoch-{epoch + 1:04d}.npz"
             save_checkpoint(ck, sim, epoch + 1, metrics, settings)
             for old in checkpoints(out)[:-tr["keep_checkpoints"]]:
@@ -753,7 +755,9 @@ def _train(sim, settings, out, ds, x_test, y_test, metrics, start_epoch, progres
     finally:
         if bar is not None:
             bar.close()
-    return _write_outputs(out, sim, settings, metrics, ds, final=True)
+    # the last epoch's write drew the same metrics: a second plot would cost ~0.5 s for nothing
+    plotted = last_plotted == len(metrics) and (out / "learning_curve.png").is_file()
+    return _write_outputs(out, sim, settings, metrics, ds, final=True, plot=not plotted)
 
 
 def _isatty(stream) -> bool:
@@ -777,7 +781,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{row['epoch_s']:.1f} s")
 
 
-def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
+def _write_outputs(out: Path, sim, settings, metrics, ds, final=False, plot=True) -> dict:
     f = io.StringIO(newline="")
     w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
     w.writeheader()
@@ -822,7 +826,8 @@ def _write_outputs(out: Path, sim, settings, metrics, ds, final=False) -> dict:
     if slowness_note:
         summary["slowness_note"] = slowness_note
     _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
-    _plot(out, metrics, settings)
+    if plot:
+        _plot(out, metrics, settings)
     return summary
 
 
@@ -844,12 +849,12 @@ def _version():
 
 
 def _plot(out: Path, metrics, settings):
-    import matplotlib
+    # a Figure without pyplot: no GUI backend is looked for, and importing pyplot (~0.5 s) is
+    # skipped on every run
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ep = np.asarray([r["epoch"] for r in metrics], float)
     ms = 5 if len(ep) <= 20 else 3
     for key, style, label in (
@@ -869,8 +874,5 @@ def _plot(out: Path, metrics, settings):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        rundir.atomic_write_file(out / "learning_curve.png",
-                                 lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    rundir.atomic_write_file(out / "learning_curve.png",
+                             lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -497,15 +497,21 @@ def environment() -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    from threadpoolctl import threadpool_info
-
     from neurosim import __version__
 
-    blas = sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
-                   for i in threadpool_info() if i.get("user_api") == "blas"})
+    blas = blas_cores()
     return {"neurosim": __version__, "neurosim_commit": commit, "numpy": np.__version__,
             "numba": numba.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "blas": blas, "blas_threads": 1}
+
+
+def blas_cores() -> list:
+    """The BLAS libraries loaded, each as "api version kernel-architecture" (e.g. "openblas 0.3.30
+    SkylakeX"): GEMM bits depend on the kernel, so bitwise comparisons need the same one."""
+    from threadpoolctl import threadpool_info
+
+    return sorted({f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
+                   for i in threadpool_info() if i.get("user_api") == "blas"})
 
 
 def write(name: str, arrays: dict, meta: dict, out: Path) -> None:

@@ -424,7 +424,14 @@ def test_golden_bitwise(name):
     """Every recorded array bit-identical (see BITWISE_EXPECTED)."""
     if name not in BITWISE_EXPECTED:
         pytest.skip(f"{name}: its operation sequence changed; only the tolerance test applies")
-    gold, _ = golden(name)
+    gold, gmeta = golden(name)
+    here = rg.blas_cores()
+    if gmeta.get("blas") != here:
+        # GEMM results depend on the BLAS kernel chosen for the CPU (SkylakeX and Haswell
+        # OpenBLAS kernels sum in different orders): bits are comparable on the recording
+        # core only; the tolerance test above holds everywhere.
+        pytest.skip(f"{name}: recorded with BLAS {gmeta.get('blas')}, this machine runs {here}: "
+                    "bit-identity is defined on the recording core only")
     new, _ = recomputed(name)
     differ = []
     for prefix in ("state", "trace", "ts"):

@@ -32,11 +32,19 @@ from ..optable import (BY_CODE, ERF, IDENTITY, NONFINITE_RATE, NONFINITE_WEIGHT,
  COL_SUM, SUM, FILL, LOAD_SCALAR, SCALE_BY, OUTPUT, PICK) = (s.code for s in BY_CODE)
 assert [s.name for s in BY_CODE][-1] == "PICK" and len(BY_CODE) == 41, "op table changed"
 
+# the interpreter passes views of columns 1-3 as GEMM's (c, a, b) and SGD's (W, V, dW)
+assert [col("GEMM", n) for n in "cab"] == [1, 2, 3] and [col("SGD", n) for n in
+                                                          ("W", "V", "dW")] == [1, 2, 3]
+# bit c of _BUFCOLS[op] is set when operand column c of the op holds a buffer (roles in, out,
+# inout, opt): the interpreter views those columns before it dispatches
+_BUFCOLS = np.array([sum(1 << o.col for o in s.operands if o.role in ("in", "out", "inout", "opt")
+                         and not o.is_float) for s in BY_CODE], dtype=np.int64)
+
 # operand columns the interpreter reads (numba freezes these module globals at compile time)
 _GEMM_TA, _GEMM_TB, _GEMM_FUSED, _GEMM_SLOT = (col("GEMM", n) for n in
                                                ("trans_a", "trans_b", "fused", "lr_slot"))
 _GEMM_ALPHA, _GEMM_BETA, _GEMM_SCALE = (col("GEMM", n) for n in ("alpha", "beta", "lr_scale"))
-_SGD_V, _SGD_DW, _SGD_STYLE, _SGD_SLOT = (col("SGD", n) for n in ("V", "dW", "style", "lr_slot"))
+_SGD_STYLE, _SGD_SLOT = (col("SGD", n) for n in ("style", "lr_slot"))
 _SGD_SCALE, _SGD_M, _SGD_WD, _SGD_LIM = (col("SGD", n) for n in
                                          ("lr_scale", "momentum", "wd", "limit"))
 
@@ -107,7 +115,7 @@ def all_finite(a):
     return m != _EXP_MASK
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_f_sumsq(out, x, b, base):
     """``out[b] = f(x[b])`` with the element-wise transfer ``base``; returns sum f^2 (float32,
     in order). Specialised loops for ReLU and identity."""
@@ -144,7 +152,7 @@ def rms_normalized_f(out, x, base, eps=RMS_EPS):
             out[b, j] *= inv
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def sample_excluding(p, lab, u):
     """A class index != lab drawn in proportion to max(p, 0) (u uniform in [0, 1)); uniform
     over the other classes when they carry no mass."""
@@ -175,7 +183,16 @@ def apply_f(out, x, code):
     """``out = f(x)`` element-wise (softmax row-wise), one specialised loop per code."""
     if code == SOFTMAX:
         softmax_rows(out, x)
-    elif code == RELU:
+    elif code >= RMS_NORM:
+        rms_normalized_f(out, x, code - RMS_NORM, RMS_EPS)
+    else:
+        _apply_pointwise(out, x, code)
+
+
+@njit(cache=True)
+def _apply_pointwise(out, x, code):
+    """:func:`apply_f` for the element-wise codes (not softmax, not RMS-normalised)."""
+    if code == RELU:
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
                 v = x[b, j]
@@ -184,8 +201,6 @@ def apply_f(out, x, code):
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
                 out[b, j] = x[b, j]
-    elif code >= RMS_NORM:
-        rms_normalized_f(out, x, code - RMS_NORM, RMS_EPS)
     else:
         for b in range(x.shape[0]):
             for j in range(x.shape[1]):
@@ -463,7 +478,7 @@ def _record(dst, stamps, meta, cnt, m, src, trial, step):
     cnt[m] = k + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def frob(a):
     s = 0.0
     for i in range(a.shape[0]):
@@ -498,41 +513,7 @@ def _fail(info, i, rep, trial, bl, status):
     return status
 
 
-@njit(cache=True, error_model="numpy")
-def _bcast_op(op, dst, x, y):
-    """dst = x (op) y element-wise, ``y`` broadcast from (1, cols), (rows, 1) or (1, 1). Equal
-    shapes take loops of their own (one per op, so that they vectorise)."""
-    if y.shape[0] == dst.shape[0] and y.shape[1] == dst.shape[1]:
-        for b in range(dst.shape[0]):
-            if op == SUB:
-                for c in range(dst.shape[1]):
-                    dst[b, c] = x[b, c] - y[b, c]
-            elif op == MUL:
-                for c in range(dst.shape[1]):
-                    dst[b, c] = x[b, c] * y[b, c]
-            elif op == ADD:
-                for c in range(dst.shape[1]):
-                    dst[b, c] = x[b, c] + y[b, c]
-            else:
-                for c in range(dst.shape[1]):
-                    dst[b, c] = x[b, c] / y[b, c]
-        return
-    rs = 0 if y.shape[0] == 1 else 1
-    cs = 0 if y.shape[1] == 1 else 1
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            v = y[b * rs, c * cs]
-            if op == SUB:
-                dst[b, c] = x[b, c] - v
-            elif op == MUL:
-                dst[b, c] = x[b, c] * v
-            elif op == ADD:
-                dst[b, c] = x[b, c] + v
-            else:
-                dst[b, c] = x[b, c] / v
-
-
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _unary(dst, src, fn, p):
     pf = np.float32(p)
     for b in range(dst.shape[0]):
@@ -560,38 +541,127 @@ def _unary(dst, src, fn, p):
             dst[b, c] = v
 
 
-# ---- the interpreter's element-wise and bookkeeping ops: one compiled function each, called
-# (not inlined) from run_trials so that the interpreter itself stays small and compiles quickly
-@njit(cache=True)
-def _fill_scalar(dst, v):
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[b, c] = v
-
-
-@njit(cache=True)
-def _axpy(dst, src, sc):
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[b, c] += sc * src[b, c]
-
-
-@njit(cache=True)
-def _affine(dst, s, c0, add):
-    """dst = s dst + c0 (add) or dst *= s."""
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            if add:
-                dst[b, c] = s * dst[b, c] + c0
+# ---- the interpreter's element-wise and bookkeeping ops, called (not inlined) from run_trials
+# so that the interpreter itself stays small. Every compiled function costs a fixed ~0.1-0.3 s of
+# numba/LLVM work on an empty cache, so the simple ops share one function, dispatched on the
+# opcode (docs/benchmarks.md, first run).
+@njit(cache=True, error_model="numpy")
+def _ew(op, k, dst, x, y, s, c0):
+    """The simple ops on ``dst`` with operands ``x``, ``y`` (buffers), ``k`` (an int) and ``s``,
+    ``c0`` (float64 carriers of the op's float parameters; float32 ops convert them first, so
+    results are those of the op table's float32 semantics). Element-wise binary ops broadcast
+    ``y`` from (1, cols), (rows, 1) or (1, 1); equal shapes take loops of their own so that they
+    vectorise."""
+    R = dst.shape[0]
+    C = dst.shape[1]
+    if op == SUB or op == MUL or op == ADD or op == DIV:
+        if y.shape[0] == R and y.shape[1] == C:
+            for b in range(R):
+                if op == SUB:
+                    for c in range(C):
+                        dst[b, c] = x[b, c] - y[b, c]
+                elif op == MUL:
+                    for c in range(C):
+                        dst[b, c] = x[b, c] * y[b, c]
+                elif op == ADD:
+                    for c in range(C):
+                        dst[b, c] = x[b, c] + y[b, c]
+                else:
+                    for c in range(C):
+                        dst[b, c] = x[b, c] / y[b, c]
+            return
+        rs = 0 if y.shape[0] == 1 else 1
+        cs = 0 if y.shape[1] == 1 else 1
+        for b in range(R):
+            for c in range(C):
+                v = y[b * rs, c * cs]
+                if op == SUB:
+                    dst[b, c] = x[b, c] - v
+                elif op == MUL:
+                    dst[b, c] = x[b, c] * v
+                elif op == ADD:
+                    dst[b, c] = x[b, c] + v
+                else:
+                    dst[b, c] = x[b, c] / v
+    elif op == UNARY:
+        _unary(dst, x, k, s)
+    elif op == ZERO or op == LOAD_SCALAR:
+        v = np.float32(s)
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] = v
+    elif op == AXPY:
+        sc = np.float32(s)
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] += sc * x[b, c]
+    elif op == COPY:
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] = x[b, c]
+    elif op == SCALE or op == SCALE_BY:
+        sc = np.float32(s)
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] *= sc
+    elif op == AFFINE:
+        sc = np.float32(s)
+        c1 = np.float32(c0)
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] = sc * dst[b, c] + c1
+    elif op == BIAS:
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] += x[0, c]
+    elif op == ROW_SCALE:
+        for b in range(R):
+            f = x[b, 0]
+            for c in range(C):
+                dst[b, c] *= f
+    elif op == ROW_SUM or op == ROW_SUMSQ:
+        sc = np.float32(s)
+        for b in range(x.shape[0]):
+            acc = np.float32(0.0)
+            if op == ROW_SUMSQ:
+                for c in range(x.shape[1]):
+                    acc += x[b, c] * x[b, c]
             else:
-                dst[b, c] *= s
-
-
-@njit(cache=True)
-def _bias(dst, bias):
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[b, c] += bias[0, c]
+                for c in range(x.shape[1]):
+                    acc += x[b, c]
+            dst[b, 0] = sc * acc
+    elif op == COL_MEAN or op == COL_SUM:
+        # COL_MEAN: dst = beta dst + (alpha / rows) sum_b x (alpha / rows in float64);
+        # COL_SUM: dst = float32(scale + per_row / rows) sum_b x, whatever dst held
+        n = x.shape[0]
+        if op == COL_MEAN:
+            al = np.float32(s) / n
+            be = np.float32(c0)
+        else:
+            al = np.float64(np.float32(s + c0 / n))
+            be = np.float32(0.0)
+        for c in range(x.shape[1]):
+            acc = np.float32(0.0)
+            for b in range(n):
+                acc += x[b, c]
+            dst[0, c] = be * dst[0, c] + al * acc if op == COL_MEAN else al * acc
+    elif op == SUM:
+        acc = np.float32(0.0)
+        for b in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                acc += x[b, c]
+        dst[0, 0] = np.float32(s) * acc
+    elif op == FILL:
+        rs = 0 if x.shape[0] == 1 else 1
+        cs = 0 if x.shape[1] == 1 else 1
+        for b in range(R):
+            for c in range(C):
+                dst[b, c] = x[b * rs, c * cs]
+    elif op == PICK:
+        cols = x.shape[1]
+        for j in range(C):
+            f = int(y[0, j])
+            dst[0, j] = x[f // cols, f % cols]
 
 
 @njit(cache=True)
@@ -639,16 +709,6 @@ def _sample_wrong(dst, pr, key, Y, order, s0, trial, batch):
 
 
 @njit(cache=True)
-def _record_stat(rec, stamps, rec_meta, rec_cnt, m, src, kind, other, transpose, trial, step):
-    val = frob(src) if kind == 0 else angle_deg(src, other, transpose)
-    k = rec_cnt[m]
-    rec[rec_meta[m, 0] + k] = np.float32(val)
-    stamps[rec_meta[m, 7] + 2 * k] = trial
-    stamps[rec_meta[m, 7] + 2 * k + 1] = step
-    rec_cnt[m] = k + 1
-
-
-@njit(cache=True)
 def _count_correct(o, stt, Y, order, s0):
     good = 0
     for b in range(o.shape[0]):
@@ -660,60 +720,6 @@ def _count_correct(o, stt, Y, order, s0):
             good += 1
     stt[0, 0] += good
     stt[0, 1] += o.shape[0]
-
-
-@njit(cache=True)
-def _row_sum(dst, src, sc, sq):
-    for b in range(src.shape[0]):
-        acc = np.float32(0.0)
-        for c in range(src.shape[1]):
-            acc += src[b, c] * src[b, c] if sq else src[b, c]
-        dst[b, 0] = sc * acc
-
-
-@njit(cache=True)
-def _row_scale(dst, sv):
-    for b in range(dst.shape[0]):
-        f = sv[b, 0]
-        for c in range(dst.shape[1]):
-            dst[b, c] *= f
-
-
-@njit(cache=True)
-def _col_sum(dst, src, al, be, running):
-    """dst[0, c] = be dst[0, c] + al sum_b src[b, c] (running: COL_MEAN) or al sum_b src[b, c]
-    (COL_SUM: dst is overwritten, whatever it held)."""
-    for c in range(src.shape[1]):
-        acc = np.float32(0.0)
-        for b in range(src.shape[0]):
-            acc += src[b, c]
-        dst[0, c] = be * dst[0, c] + al * acc if running else al * acc
-
-
-@njit(cache=True)
-def _sum_all(src, sc):
-    acc = np.float32(0.0)
-    for b in range(src.shape[0]):
-        for c in range(src.shape[1]):
-            acc += src[b, c]
-    return sc * acc
-
-
-@njit(cache=True)
-def _fill(dst, src):
-    rs = 0 if src.shape[0] == 1 else 1
-    cs = 0 if src.shape[1] == 1 else 1
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[b, c] = src[b * rs, c * cs]
-
-
-@njit(cache=True)
-def _pick(dst, src, idx):
-    cols = src.shape[1]
-    for j in range(dst.shape[1]):
-        f = int(idx[0, j])
-        dst[0, j] = src[f // cols, f % cols]
 
 
 @njit(cache=True)
@@ -743,6 +749,7 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
     """
     n_order = order.shape[0]
     step = step0
+    none = mem[0:0].reshape((0, 0))  # stands for an operand column that holds no buffer
     for j in range(n_trials):
         s0 = start + j * batch
         nb = batch
@@ -760,172 +767,135 @@ def run_trials(mem, bufs, prog, fprm, blocks, X, Y, T, order, start, n_trials, b
                 i = i0
                 while i < i1:
                     op = prog[i, 0]
-                    a = prog[i, 1]
+                    if op == GUARD:
+                        if trial % prog[i, 1] != 0:
+                            i += prog[i, 2]
+                        i += 1
+                        continue
+                    # the buffer operands (op table roles in/out/inout/opt), viewed once here:
+                    # one call site per column keeps the interpreter small to compile
+                    bm = _BUFCOLS[op]
+                    c1 = prog[i, 1]
+                    c2 = prog[i, 2]
+                    c3 = prog[i, 3]
+                    c4 = prog[i, 4]
+                    c5 = prog[i, 5]
+                    V1 = _view(mem, bufs, c1, nb) if bm & 2 and c1 >= 0 else none
+                    V2 = _view(mem, bufs, c2, nb) if bm & 4 and c2 >= 0 else none
+                    V3 = _view(mem, bufs, c3, nb) if bm & 8 and c3 >= 0 else none
+                    V4 = _view(mem, bufs, c4, nb) if bm & 16 and c4 >= 0 else none
+                    V5 = _view(mem, bufs, c5, nb) if bm & 32 and c5 >= 0 else none
+                    f0 = fprm[i, 0]
                     if op == GEMM:
                         alpha = fprm[i, _GEMM_ALPHA]
                         if prog[i, _GEMM_FUSED] == 1:  # fused optimizer step: alpha * lr / nb
                             sl = prog[i, _GEMM_SLOT]
                             lr = scal[sl] * fprm[i, _GEMM_SCALE] if sl >= 0 else 1.0
                             alpha = alpha * lr / nb
-                        A = _view(mem, bufs, prog[i, 2], nb)
-                        B = _view(mem, bufs, prog[i, 3], nb)
-                        C = _view(mem, bufs, a, nb)
                         ta = prog[i, _GEMM_TA] == 1
                         tb = prog[i, _GEMM_TB] == 1
                         if par is None:
-                            gemm_rm(ta, tb, alpha, A, B, fprm[i, _GEMM_BETA], C, ws_i, ws_f)
+                            gemm_rm(ta, tb, alpha, V2, V3, fprm[i, _GEMM_BETA], V1, ws_i, ws_f)
                         else:
-                            gemm_par(ta, tb, alpha, A, B, fprm[i, _GEMM_BETA], C, ws_i, ws_f,
+                            gemm_par(ta, tb, alpha, V2, V3, fprm[i, _GEMM_BETA], V1, ws_i, ws_f,
                                      nthreads)
                     elif op == TRANSFER or op == EULER:
-                        r = _view(mem, bufs, a, nb)
-                        d = _view(mem, bufs, prog[i, 2], nb)
-                        use_mask = prog[i, 4] >= 0
-                        mk = _view(mem, bufs, prog[i, 4], nb) if use_mask else d
+                        use_mask = c4 >= 0
+                        mk = V4 if use_mask else V2
                         if op == TRANSFER:
-                            if par is not None and _par(r, nthreads):
-                                ok = transfer_par(r, d, prog[i, 3], mk, use_mask, nthreads)
+                            if par is not None and _par(V1, nthreads):
+                                ok = transfer_par(V1, V2, c3, mk, use_mask, nthreads)
                             else:
-                                ok = transfer(r, d, prog[i, 3], mk, use_mask)
+                                # transfer() spelt out: each compiled function is re-optimised
+                                # inside every caller, so the interpreter calls the leaves
+                                if c3 == SOFTMAX:
+                                    softmax_rows(V1, V2)
+                                elif c3 >= RMS_NORM:
+                                    rms_normalized_f(V1, V2, c3 - RMS_NORM, RMS_EPS)
+                                else:
+                                    _apply_pointwise(V1, V2, c3)
+                                if use_mask:
+                                    _ew(np.int64(MUL), c3, V1, V1, mk, 0.0, 0.0)
+                                ok = all_finite(V1)
                         else:
-                            tmp = _view(mem, bufs, prog[i, 5], nb) if prog[i, 5] >= 0 else d
-                            if par is not None and _par(r, nthreads):
-                                ok = euler_par(r, d, prog[i, 3], mk, use_mask, fprm[i, 0], tmp,
-                                               nthreads)
+                            tmp = V5 if c5 >= 0 else V2
+                            if par is not None and _par(V1, nthreads):
+                                ok = euler_par(V1, V2, c3, mk, use_mask, f0, tmp, nthreads)
                             else:
-                                ok = euler(r, d, prog[i, 3], mk, use_mask, fprm[i, 0], tmp)
+                                ok = euler(V1, V2, c3, mk, use_mask, f0, tmp)
                         if not ok:
                             return _fail(info, i, rep, trial, bl, NONFINITE_RATE)
-                    elif op == ZERO:
-                        _fill_scalar(_view(mem, bufs, a, nb), np.float32(0.0))
-                    elif op == AXPY:
-                        _axpy(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                              np.float32(fprm[i, 0]))
-                    elif op == COPY:
-                        _copy2(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
-                    elif op == SUB or op == MUL or op == ADD or op == DIV:
-                        _bcast_op(op, _view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                  _view(mem, bufs, prog[i, 3], nb))
-                    elif op == SCALE:
-                        _affine(_view(mem, bufs, a, nb), np.float32(fprm[i, 0]), np.float32(0.0),
-                                False)
-                    elif op == BIAS:
-                        _bias(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
-                    elif op == GATHER:
-                        _gather(_view(mem, bufs, a, nb), X if prog[i, 2] == 0 else T, order, s0)
-                    elif op == ONEHOT:
-                        _onehot(_view(mem, bufs, a, nb), Y, order, s0, np.float32(fprm[i, 0]),
-                                np.float32(fprm[i, 1]))
-                    elif op == EMBED_LABEL:
-                        _embed_label(_view(mem, bufs, a, nb), prog[i, 2], _view(mem, bufs,
-                                     prog[i, 3] if prog[i, 3] >= 0 else a, nb), prog[i, 4], Y,
-                                     order, s0, np.float32(fprm[i, 0]), np.float32(fprm[i, 1]))
-                    elif op == WRONG_LABEL:
-                        _wrong_label(_view(mem, bufs, a, nb), keys[prog[i, 2]], prog[i, 3], Y,
-                                     order, s0, trial, batch)
-                    elif op == MASK:
-                        mk = _view(mem, bufs, a, nb)
-                        if par is not None and _par(mk, nthreads):
-                            dropout_mask_par(mk, fprm[i, 0], keys[prog[i, 2]], trial, batch,
-                                             nthreads)
-                        else:
-                            dropout_mask(mk, fprm[i, 0], keys[prog[i, 2]], trial, batch)
-                    elif op == GAUSS:
-                        gaussian_fill(_view(mem, bufs, a, nb), fprm[i, 0], keys[prog[i, 2]],
-                                      trial, batch)
                     elif op == DERIV:
-                        dst = _view(mem, bufs, a, nb)
-                        d = _view(mem, bufs, prog[i, 2], nb)
-                        if par is not None and _par(dst, nthreads):
-                            deriv_mul_par(dst, d, prog[i, 3], nthreads)
+                        if par is not None and _par(V1, nthreads):
+                            deriv_mul_par(V1, V2, c3, nthreads)
                         else:
-                            deriv_mul(dst, d, prog[i, 3])
+                            deriv_mul(V1, V2, c3)
                     elif op == SGD:
-                        W = _view(mem, bufs, a, nb)
-                        V = _view(mem, bufs, prog[i, _SGD_V], nb)
-                        dW = _view(mem, bufs, prog[i, _SGD_DW], nb)
                         sl = prog[i, _SGD_SLOT]
                         lr = scal[sl] * fprm[i, _SGD_SCALE] if sl >= 0 else fprm[i, _SGD_SCALE]
                         style = prog[i, _SGD_STYLE]
-                        if par is not None and _par(W, nthreads):
-                            st = sgd_step_par(W, V, dW, lr, fprm[i, _SGD_M], fprm[i, _SGD_WD],
+                        if par is not None and _par(V1, nthreads):
+                            st = sgd_step_par(V1, V2, V3, lr, fprm[i, _SGD_M], fprm[i, _SGD_WD],
                                               style, nb, fprm[i, _SGD_LIM], nthreads)
                         else:
-                            st = sgd_step(W, V, dW, lr, fprm[i, _SGD_M], fprm[i, _SGD_WD],
+                            st = sgd_step(V1, V2, V3, lr, fprm[i, _SGD_M], fprm[i, _SGD_WD],
                                           style, nb, fprm[i, _SGD_LIM])
                         if st != OK:
                             return _fail(info, i, rep, trial, bl, st)
-                    elif op == RECORD:
-                        every = rec_meta[prog[i, 2], 3]
-                        cntr = step if prog[i, 3] == 0 else trial
-                        if cntr % every == 0:
-                            _record(rec, stamps, rec_meta, rec_cnt, prog[i, 2],
-                                    _view(mem, bufs, a, nb), trial, step)
-                    elif op == RECORD_STAT:
-                        m = prog[i, 2]
-                        if trial % rec_meta[m, 3] == 0 and rec_cnt[m] < rec_meta[m, 2]:
-                            _record_stat(rec, stamps, rec_meta, rec_cnt, m,
-                                         _view(mem, bufs, a, nb), prog[i, 3],
-                                         _view(mem, bufs, prog[i, 4] if prog[i, 4] >= 0 else a, nb),
-                                         prog[i, 5] == 1, trial, step)
-                    elif op == COUNT_CORRECT:
-                        _count_correct(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                       Y, order, s0)
-                    elif op == APPLY:
-                        apply_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                prog[i, 3])
-                    elif op == ROW_SUMSQ or op == ROW_SUM:
-                        _row_sum(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                 np.float32(fprm[i, 0]), op == ROW_SUMSQ)
-                    elif op == ROW_SCALE:
-                        _row_scale(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
-                    elif op == ROW_NORMALIZE:
-                        rms_normalized_f(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                         IDENTITY, fprm[i, 0])
-                    elif op == AFFINE:
-                        _affine(_view(mem, bufs, a, nb), np.float32(fprm[i, 0]),
-                                np.float32(fprm[i, 1]), True)
-                    elif op == COL_MEAN or op == COL_SUM:
-                        src = _view(mem, bufs, prog[i, 2], nb)
-                        if op == COL_MEAN:
-                            al = np.float32(fprm[i, 0]) / src.shape[0]
-                            be = np.float32(fprm[i, 1])
+                    elif op == MASK:
+                        if par is not None and _par(V1, nthreads):
+                            dropout_mask_par(V1, f0, keys[c2], trial, batch, nthreads)
                         else:
-                            al = np.float32(fprm[i, 0] + fprm[i, 1] / src.shape[0])
-                            be = np.float32(0.0)
-                        _col_sum(_view(mem, bufs, a, nb), src, al, be, op == COL_MEAN)
-                    elif op == SUM:
-                        _view(mem, bufs, a, nb)[0, 0] = _sum_all(_view(mem, bufs, prog[i, 2], nb),
-                                                                 np.float32(fprm[i, 0]))
-                    elif op == UNARY:
-                        _unary(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                               prog[i, 3], fprm[i, 0])
-                    elif op == FILL:
-                        _fill(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb))
-                    elif op == LOAD_SCALAR:
-                        _fill_scalar(_view(mem, bufs, a, nb), np.float32(scal[prog[i, 2]]))
-                    elif op == SCALE_BY:
-                        sc = np.float32(fprm[i, 0]) * _view(mem, bufs, prog[i, 2], nb)[0, 0]
-                        _affine(_view(mem, bufs, a, nb), sc, np.float32(0.0), False)
-                    elif op == OUTPUT:
-                        _output(out, _view(mem, bufs, a, nb), s0)
-                    elif op == PICK:
-                        _pick(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                              _view(mem, bufs, prog[i, 3], nb))
+                            dropout_mask(V1, f0, keys[c2], trial, batch)
+                    elif op == APPLY:
+                        if c3 == SOFTMAX:
+                            softmax_rows(V1, V2)
+                        elif c3 >= RMS_NORM:
+                            rms_normalized_f(V1, V2, c3 - RMS_NORM, RMS_EPS)
+                        else:
+                            _apply_pointwise(V1, V2, c3)
+                    elif op == ROW_NORMALIZE:
+                        rms_normalized_f(V1, V2, np.int64(IDENTITY), f0)
+                    elif op == GATHER:
+                        _gather(V1, X if c2 == 0 else T, order, s0)
+                    elif op == ONEHOT:
+                        _onehot(V1, Y, order, s0, np.float32(f0), np.float32(fprm[i, 1]))
+                    elif op == EMBED_LABEL:
+                        _embed_label(V1, c2, V3 if c3 >= 0 else V1, c4, Y, order, s0,
+                                     np.float32(f0), np.float32(fprm[i, 1]))
+                    elif op == WRONG_LABEL:
+                        _wrong_label(V1, keys[c2], c3, Y, order, s0, trial, batch)
                     elif op == SAMPLE_WRONG:
-                        _sample_wrong(_view(mem, bufs, a, nb), _view(mem, bufs, prog[i, 2], nb),
-                                      keys[prog[i, 3]], Y, order, s0, trial, batch)
-                    elif op == GUARD:
-                        if trial % a != 0:
-                            i += prog[i, 2]
+                        _sample_wrong(V1, V2, keys[c3], Y, order, s0, trial, batch)
+                    elif op == GAUSS:
+                        gaussian_fill(V1, f0, keys[c2], trial, batch)
+                    elif op == RECORD:
+                        cntr = step if c3 == 0 else trial
+                        if cntr % rec_meta[c2, 3] == 0:
+                            _record(rec, stamps, rec_meta, rec_cnt, c2, V1, trial, step)
+                    elif op == RECORD_STAT:
+                        if trial % rec_meta[c2, 3] == 0 and rec_cnt[c2] < rec_meta[c2, 2]:
+                            val = frob(V1) if c3 == 0 else angle_deg(V1, V4 if c4 >= 0 else V1,
+                                                                     c5 == 1)
+                            k = rec_cnt[c2]
+                            rec[rec_meta[c2, 0] + k] = np.float32(val)
+                            stamps[rec_meta[c2, 7] + 2 * k] = trial
+                            stamps[rec_meta[c2, 7] + 2 * k + 1] = step
+                            rec_cnt[c2] = k + 1
+                    elif op == COUNT_CORRECT:
+                        _count_correct(V1, V2, Y, order, s0)
+                    elif op == OUTPUT:
+                        _output(out, V1, s0)
+                    elif op != NOP:
+                        # the simple ops: float parameters as float64, the float32 conversions
+                        # (and SCALE_BY's and LOAD_SCALAR's operands) applied as before
+                        s = f0
+                        if op == LOAD_SCALAR:
+                            s = np.float64(np.float32(scal[c2]))
+                        elif op == SCALE_BY:
+                            s = np.float64(np.float32(f0) * V2[0, 0])
+                        elif op == ZERO:
+                            s = 0.0
+                        _ew(op, c3, V1, V2, V3, s, fprm[i, 1])
                     i += 1
     return OK
-
-
-@njit(cache=True)
-def _copy2(dst, src):
-    """dst = src element by element (slice assignment would compile numpy's broadcasting error
-    paths, seconds of compile time)."""
-    for b in range(dst.shape[0]):
-        for c in range(dst.shape[1]):
-            dst[b, c] = src[b, c]
