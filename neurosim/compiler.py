@@ -21,7 +21,7 @@ import numpy as np
 from .circuit import Circuit, ErrorPopulation
 from .errors import CompileError, ValidationError
 from .expr import Buf, Expr, FPrime, emit_into
-from .optable import OPS, RMS_NORM, SOFTMAX, check_shapes, encode
+from .optable import IDENTITY, OPS, RMS_NORM, SOFTMAX, check_shapes, encode
 from .monitors import Monitor
 from .plasticity.base import builder_for
 from .plasticity.optim import SGD
@@ -86,6 +86,8 @@ class Plan:
     targets: str = "onehot"  # how stimulus t is made: one-hot of Y, or rows of T
     schedules: tuple = ()    # (slot name, callable(epoch) -> value) set by Simulator per epoch
     fuse: bool = True        # the compile argument (a saved simulator compiles its plan again)
+    optimize: dict = field(default_factory=dict)   # pass name -> on/off (resolved, every pass)
+    passes: dict = field(default_factory=dict)     # pass name -> rewrites made, per program
 
     def __post_init__(self):
         for a in (self.init_mem, self.bufs, self.keys, self.scalar_init):
@@ -363,6 +365,11 @@ class PlanBuilder:
     def op(self, name: str, where: str = "", **operands) -> Instr:
         """Append operation ``name`` of the op table with its operands by name (defaults from
         the table); buffer operands are buffer indices (``-1`` for an absent optional one)."""
+        return self._pb.append(self.instr(name, where, **operands))
+
+    def instr(self, name: str, where: str = "", **operands) -> Instr:
+        """The checked instruction :meth:`op` appends, without appending it (for passes that
+        rewrite the op list)."""
         spec = OPS.get(name)
         if spec is None:
             raise CompileError(f"unknown op {name!r}; the op table has {sorted(OPS)}")
@@ -384,7 +391,7 @@ class PlanBuilder:
         bad = check_shapes(name, shp, named)
         if bad:
             raise CompileError(f"op {name} ({where or 'no context'}): {bad}")
-        return self._pb.append(Instr(spec, ints, floats, where))
+        return Instr(spec, ints, floats, where)
 
     def gemm(self, c, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, where=""):
         """``c = alpha op(a) @ op(b) + beta c`` (buffers are row-major (rows, cols))."""
@@ -698,7 +705,7 @@ def _topo(circuit: Circuit, phase, members: list[str]) -> list[str]:
 
 def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: SGD | None = None,
                  monitors=(), batch: int = 1, seed: int = 0, output: str | None = None,
-                 fuse: bool = True, targets: str = "onehot") -> Plan:
+                 fuse: bool = True, targets: str = "onehot", optimize=None) -> Plan:
     """Compile descriptions into a :class:`Plan`.
 
     Parameters
@@ -717,10 +724,17 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     targets : ``"onehot"`` or ``"values"``
         How the stimulus ``t`` is made from the data: one-hot of the integer labels ``Y``
         (classification), or rows of the float target matrix ``T`` (regression).
+    optimize : dict, optional
+        The optimisation passes over the op list, by name, on (True, the default for each) or
+        off (False); see :data:`PASSES`: ``"drive_reuse"`` (:func:`reuse_drives`: a drive that
+        equals an earlier drive plus low-rank terms is computed from it) and
+        ``"fuse_momentum"`` (:func:`fuse_momentum`). Each is exact up to float32 rounding; turn
+        one off to compare, or for bit-identical results with plans compiled without it.
     fuse : bool
-        Fold the momentum update into the GEMM that produces a projection's update when that
-        is exact (one GEMM writes dW, no weight decay): ``V = m V + (lr/B) post^T pre`` in one
-        BLAS call, saving two passes over the weight-sized arrays. False keeps dW explicit.
+        ``fuse=False`` is ``optimize={"fuse_momentum": False}`` (kept for compatibility): fold
+        the momentum update into the GEMM that produces a projection's update when that is exact
+        (one GEMM writes dW, no weight decay): ``V = m V + (lr/B) post^T pre`` in one BLAS call,
+        saving two passes over the weight-sized arrays. False keeps dW explicit.
     """
     if not isinstance(circuit, Circuit):
         raise ValidationError("compile.circuit", f"got {type(circuit).__name__}, expected Circuit.")
@@ -745,6 +759,7 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
     if rules and optimizer is None:
         raise ValidationError("compile.optimizer", "rules were given but no optimizer.",
                               "pass optimizer=SGD(lr=...).")
+    opts = resolve_optimize(optimize, fuse)
     _validate_references(circuit, protocol)
     pb = PlanBuilder(circuit, protocol, batch, int(seed))
     pb.optimizer = optimizer  # rules that emit their own optimizer steps read it
@@ -845,10 +860,14 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
         if kind == "infer" and output is not None:
             with pb.at("trial_end"):
                 pb.op("OUTPUT", "prediction", src=pb.rate(output, protocol.inference_phase))
-        if fuse and optimizer is not None:
-            fuse_momentum(prb, pb, optimizer)
+        label = kind if only_phase is None or kind == "infer" else f"{kind}:{only_phase}"
+        if opts["drive_reuse"]:
+            passes["drive_reuse"][label] = reuse_drives(prb, pb)
+        if opts["fuse_momentum"] and optimizer is not None:
+            passes["fuse_momentum"][label] = fuse_momentum(prb, pb, optimizer)
         return prb.finish()
 
+    passes = {name: {} for name in PASSES}
     train = build("train")
     plastic = list(pb.grads)
     infer = build("infer", protocol.inference_phase)
@@ -874,7 +893,43 @@ def compile_plan(circuit: Circuit, protocol: Protocol, *, rules=(), optimizer: S
                 {n: i for i, n in enumerate(pb._scalars)}, scal, train, infer, free,
                 tuple(monitors), tuple(getattr(pb, "_monitor_meta", [])), tuple(rules), optimizer,
                 tuple(plastic), stimuli, output, err.name if err else None, targets,
-                tuple(pb._schedules.items()), fuse=bool(fuse))
+                tuple(pb._schedules.items()), fuse=opts["fuse_momentum"], optimize=opts,
+                passes=passes)
+
+
+PASSES = ("drive_reuse", "fuse_momentum")
+"""The optimisation passes over the op list, in the order they run (``compile_plan(optimize=
+{name: False})`` turns one off)."""
+
+
+def resolve_optimize(optimize=None, fuse: bool = True) -> dict:
+    """``compile_plan``'s ``optimize`` (and legacy ``fuse``) as ``{pass: bool}`` for every pass
+    of :data:`PASSES` (unnamed passes on)."""
+    if optimize is None:
+        optimize = {}
+    if not isinstance(optimize, dict):
+        raise ValidationError("compile.optimize", f"got {type(optimize).__name__} "
+                              f"{optimize!r:.60}, expected a dict of pass names to true/false.",
+                              f"e.g. optimize={{'drive_reuse': False}}; passes: {list(PASSES)}.")
+    for k, v in optimize.items():
+        if k not in PASSES:
+            import difflib
+            close = difflib.get_close_matches(str(k), PASSES, n=1)
+            raise ValidationError("compile.optimize", f"no pass {k!r}; the passes are "
+                                  f"{list(PASSES)}.",
+                                  f"did you mean {close[0]!r}?" if close else None)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValidationError(f"compile.optimize[{k!r}]", f"got {v!r}, expected True or "
+                                  "False.")
+    if not isinstance(fuse, (bool, np.bool_)):
+        raise ValidationError("compile.fuse", f"got {fuse!r}, expected True or False.")
+    if not fuse and optimize.get("fuse_momentum", False):
+        raise ValidationError("compile.fuse", "fuse=False contradicts optimize={"
+                              "'fuse_momentum': True}.", "give only optimize.")
+    out = {name: bool(optimize.get(name, True)) for name in PASSES}
+    if not fuse:
+        out["fuse_momentum"] = False
+    return out
 
 
 def emit_sgd(pb, name, dw, optimizer, *, weight_decay=None, velocity=None, where=None):
@@ -930,6 +985,259 @@ def fuse_momentum(prb, pb, optimizer) -> int:
 
 def _buffers_of(it) -> list:
     return [it.ints[o.col - 1] for o in it.spec.operands if o.is_buffer]
+
+
+def _written_by(it) -> list:
+    """Buffers instruction ``it`` writes (operands of role out or inout)."""
+    return [it.ints[o.col - 1] for o in it.spec.operands
+            if o.role in ("out", "inout") and it.ints[o.col - 1] >= 0]
+
+
+# -- linear drive reuse ---------------------------------------------------------------------------
+_CHAIN_MAX = 2      # at most x @ op(W1) @ op(W2) is tracked
+_REUSE_GAIN = 0.5   # rewrite only if it needs at most this fraction of the GEMM's multiply-adds
+
+
+class _Linear:
+    """Abstract interpretation of one trial's program for :func:`reuse_drives`.
+
+    Every buffer has a version, incremented at each write. Where it is known, a buffer's content
+    is a *linear form*: ``{atom: coefficient}``, an atom being ``("v", buf, ver)`` (the content of
+    ``buf`` at version ``ver``) or ``("p", buf, ver, chain)`` (that content times ``op(W_1)
+    op(W_2)...``, ``chain`` = ((W buffer, its version, transposed), ...)). Only ops whose
+    result is exactly linear in their operands make forms (ZERO, COPY, AXPY, SCALE, ADD and SUB
+    of equal shapes, the identity TRANSFER without a mask, an unfused GEMM of a batch buffer by a
+    fixed-size one); any other write makes the content opaque (an atom of its own)."""
+
+    def __init__(self, pb):
+        self.pb = pb
+        self.ver: dict = {}
+        self.form: dict = {}
+
+    def v(self, b):
+        return self.ver.get(b, 0)
+
+    def val(self, b) -> dict:
+        f = self.form.get(b)
+        return f if f is not None else {("v", b, self.v(b)): 1.0}
+
+    def write(self, b, form=None):
+        self.ver[b] = self.v(b) + 1
+        if form is None:
+            self.form.pop(b, None)
+        else:
+            self.form[b] = form
+
+    def current(self, atom) -> bool:
+        """Whether every buffer the atom reads still holds the version it names."""
+        if self.v(atom[1]) != atom[2]:
+            return False
+        return atom[0] == "v" or all(self.v(w) == wv for w, wv, _ in atom[3])
+
+    def gemm_form(self, it):
+        """The linear form of GEMM ``it``'s product ``alpha op(a) @ op(b)``, or None."""
+        pb = self.pb
+        a, b, c = it["a"], it["b"], it["c"]
+        if it["fused"] or it["trans_a"] or c in (a, b):
+            return None
+        if not pb.shape(a)[2] or pb.shape(b)[2]:
+            return None                     # only (batch rows) @ op(fixed matrix)
+        out = {}
+        link = (b, self.v(b), int(it["trans_b"]))
+        for atom, x in self.val(a).items():
+            if atom[0] == "v":
+                new = ("p", atom[1], atom[2], (link,))
+            elif len(atom[3]) < _CHAIN_MAX:
+                new = ("p", atom[1], atom[2], atom[3] + (link,))
+            else:
+                return None
+            out[new] = out.get(new, 0.0) + it["alpha"] * x
+        return out
+
+    def step(self, it):
+        """Update the state for instruction ``it`` (after it ran)."""
+        pb, name = self.pb, it.spec.name
+        if name == "ZERO":
+            return self.write(it["dst"], {})
+        if name == "COPY":
+            return self.write(it["dst"], self.val(it["src"]))
+        if name == "AXPY":
+            return self.write(it["dst"], _lin((1.0, self.val(it["dst"])),
+                                              (it["scale"], self.val(it["src"]))))
+        if name == "SCALE":
+            return self.write(it["dst"], _lin((it["s"], self.val(it["dst"]))))
+        if name in ("ADD", "SUB") and pb.shape(it["x"]) == pb.shape(it["y"]) == \
+                pb.shape(it["dst"]):
+            return self.write(it["dst"], _lin((1.0, self.val(it["x"])),
+                                              (1.0 if name == "ADD" else -1.0,
+                                               self.val(it["y"]))))
+        if name == "TRANSFER" and it["code"] == IDENTITY and it["mask"] < 0:
+            return self.write(it["r"], self.val(it["drive"]))
+        if name == "GEMM":
+            prod = self.gemm_form(it)
+            if prod is not None and it["beta"] != 0.0:
+                prod = _lin((it["beta"], self.val(it["c"])), (1.0, prod))
+            return self.write(it["c"], prod)
+        for b in _written_by(it):
+            self.write(b)
+
+
+def _lin(*terms) -> dict:
+    """sum_i c_i f_i of linear forms (coefficients that cancel exactly are dropped)."""
+    out: dict = {}
+    for c, f in terms:
+        for atom, x in f.items():
+            out[atom] = out.get(atom, 0.0) + c * x
+    return {a: x for a, x in out.items() if x != 0.0}
+
+
+def _reuse_plan(st, it):
+    """For GEMM ``it`` (``c = alpha op(a) @ op(b)``, beta 0): the cheapest buffer ``d`` whose
+    current content differs from the product by low-rank terms ``s e op(W_1) op(W_2)`` computable
+    from current buffers, as ``(d, {(W_1, t_1, W_2, t_2): [(e, s), ...]})``; None if there is no
+    such buffer or the rewrite would not save at least half of the multiply-adds."""
+    pb = st.pb
+    c = it["c"]
+    if it["beta"] != 0.0:
+        return None
+    target = st.gemm_form(it)
+    if not target:
+        return None
+    rows, n, _ = pb.shape(c)
+    inner = pb.shape(it["a"])[1]
+    batch = pb.batch
+    full = batch * inner * n
+    best = None
+    for d, form in st.form.items():
+        if d == c or pb.shape(d) != pb.shape(c):
+            continue
+        rest = _lin((1.0, target), (-1.0, form))
+        if len(rest) >= len(target):
+            continue                         # d shares no term with the product
+        groups: dict = {}
+        ok = True
+        for atom, x in rest.items():
+            if atom[0] != "p" or len(atom[3]) != 2 or \
+                    not all(st.v(w) == wv for w, wv, _ in atom[3]):
+                ok = False
+                break
+            (w1, _, t1), (w2, _, t2) = atom[3]
+            groups.setdefault((w1, t1, w2, t2), {})[("v", atom[1], atom[2])] = x
+        if not ok:
+            continue
+        # each left factor, once sums held by a buffer are folded back into it, must be a batch
+        # buffer that still holds the version the form names
+        groups = {k: _refold(st, terms) for k, terms in groups.items()}
+        if not all(st.v(e) == ve and pb.shape(e)[2] for terms in groups.values()
+                   for e, ve, _ in terms):
+            continue
+        cost = batch * n                     # the copy
+        for (w1, t1, w2, t2), terms in groups.items():
+            r1, c1, _ = pb.shape(w1)
+            k, mid = (c1, r1) if t1 else (r1, c1)
+            cost += k * mid * n + sum(batch * pb.shape(e)[1] * n for e, _, _ in terms)
+        if cost <= _REUSE_GAIN * full and (best is None or cost < best[0]):
+            best = (cost, d, groups)
+    return None if best is None else best[1:]
+
+
+def _refold(st, terms: dict) -> list:
+    """``[(e, version, s), ...]`` for the left factors ``{("v", buf, ver): s}`` of one group of
+    terms, where a sum of them that a buffer holds now (``output - target``: the error
+    population), or a multiple of a value since overwritten in place (``e *= s``), is replaced
+    by that buffer, so that it is multiplied once and from its current version."""
+    terms = dict(terms)
+    folded = True
+    while folded:
+        folded = False
+        for b, form in sorted(st.form.items(), key=lambda kv: -len(kv[1])):
+            if not form or len(form) > len(terms) or \
+                    not all(a[0] == "v" and a in terms for a in form):
+                continue
+            if len(form) == 1 and st.current(next(iter(form))):
+                continue                     # a copy of a buffer that still holds it
+            a0 = next(iter(form))
+            s = terms[a0] / form[a0]
+            if all(terms[a] == s * x for a, x in form.items()):
+                for a in form:
+                    del terms[a]
+                key = ("v", b, st.v(b))
+                terms[key] = terms.get(key, 0.0) + s
+                folded = True
+                break
+    return [(a[1], a[2], x) for a, x in terms.items()]
+
+
+def reuse_drives(prb, pb) -> int:
+    """Linear drive reuse, a pass over the op list (before encoding): a GEMM ``c = alpha
+    op(a) @ op(b)`` whose product equals the current content of another buffer ``d`` plus
+    low-rank terms ``s e op(W_1) op(W_2)`` (``e`` with few columns) becomes ``c = d`` plus, per
+    term, ``P = op(W_1) op(W_2)`` and ``c += s e P``. PEPITA's modulated pass: the first layer's
+    input is ``x + F e`` (a linear, instantaneous input population), so its drive
+    ``W1 (x + F e)`` is the clean drive ``W1 x`` plus ``e (W1 F)^T``: a 1024x784x10 and a
+    64x10x1024 product instead of a 64x784x1024 one.
+
+    The conditions are read from the op list, not assumed: the forms are built only through
+    exactly linear ops (:class:`_Linear`), every buffer a term reads (``e``, the weights) and the
+    reused ``d`` must still hold the versions the forms name (no write in between: an optimizer
+    step on the weights, a recomputed error, an overwritten clean drive all stop it), and a
+    loop section or conditional block forgets what it writes. Exact up to float32 rounding.
+    Returns the number of GEMMs rewritten."""
+    st = _Linear(pb)
+    done = 0
+
+    def run(items):
+        nonlocal done
+        out = []
+        for it in items:
+            if isinstance(it, Every):
+                it.body[:] = run(it.body)
+                for b in _written_in(it.body):   # the body may not have run
+                    st.write(b)
+                out.append(it)
+                continue
+            plan = _reuse_plan(st, it) if it.spec.name == "GEMM" else None
+            if plan is None:
+                st.step(it)
+                out.append(it)
+                continue
+            d, groups = plan
+            target = st.gemm_form(it)
+            c, where = it["c"], f"{it.where} (drive reuse)"
+            out.append(pb.instr("COPY", where, dst=c, src=d))
+            for (w1, t1, w2, t2), terms in groups.items():
+                r1, c1, _ = pb.shape(w1)
+                r2, c2, _ = pb.shape(w2)
+                p = pb.buffer(f"scratch.reuse.{pb.name_of(w1)}.{pb.name_of(w2)}",
+                              c1 if t1 else r1, r2 if t2 else c2)
+                out.append(pb.instr("GEMM", where, c=p, a=w1, b=w2, trans_a=t1, trans_b=t2))
+                st.write(p)
+                for e, _, s in terms:
+                    out.append(pb.instr("GEMM", where, c=c, a=e, b=p, alpha=s, beta=1.0))
+            st.write(c, target)
+            done += 1
+        return out
+
+    for sec, items in prb.sections.items():
+        loop = prb.is_loop[sec]
+        if loop:        # at each step the buffers the loop writes hold the previous step's values
+            for b in _written_in(items):
+                st.write(b)
+        items[:] = run(items)
+        if loop:        # and after it, the last step's (or, with no step, the entry values)
+            for b in _written_in(items):
+                st.write(b)
+    return done
+
+
+def _written_in(items) -> set:
+    out = set()
+    for it in items:
+        if isinstance(it, Every):
+            out |= _written_in(it.body)
+        else:
+            out.update(_written_by(it))
+    return out
 
 
 def _stim(pb, stimuli, name, size, where):

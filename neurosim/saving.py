@@ -3,10 +3,10 @@
 A saved simulator is one ``.npz`` file (no pickle) holding:
 
 * the plan's **description**: circuit, protocol, rules, optimizer, monitors and the compile
-  arguments (batch, seed, output, targets, fuse), as JSON written generically from the frozen
-  dataclasses, each object tagged with the name of its type in a registry of allowed types
-  (:func:`register_type`); arrays inside descriptions (``Given`` weights, biases) are members of
-  the file. Loading rebuilds the descriptions and compiles the plan again;
+  arguments (batch, seed, output, targets, fuse, optimize), as JSON written generically from
+  the frozen dataclasses, each object tagged with the name of its type in a registry of allowed
+  types (:func:`register_type`); arrays inside descriptions (``Given`` weights, biases) are
+  members of the file. Loading rebuilds the descriptions and compiles the plan again;
 * the state **by name**: every buffer of the arena except constants (weights, optimizer and
   rule state, statistics, held rates, stimuli, scratch), the scalar slots (learning rate, epoch
   gates), the counters (trial, step, epoch) and the monitor records; loading checks names and
@@ -239,7 +239,8 @@ def describe(plan, where: str = "describe") -> tuple[dict, dict]:
             "optimizer": enc(plan.optimizer, "plan.optimizer"),
             "monitors": enc(tuple(plan.monitors), "plan.monitors"),
             "batch": int(plan.batch), "seed": int(plan.seed), "output": plan.output,
-            "targets": plan.targets, "fuse": bool(getattr(plan, "fuse", True))}
+            "targets": plan.targets, "fuse": bool(getattr(plan, "fuse", True)),
+            "optimize": dict(getattr(plan, "optimize", {}))}
     return desc, enc
 
 
@@ -411,8 +412,21 @@ def compile_description(desc: dict, arrays: dict, where: str = "compile_descript
     plan = compile_plan(parts["circuit"], parts["protocol"], rules=list(parts["rules"]),
                         optimizer=parts["optimizer"], monitors=list(parts["monitors"]),
                         batch=desc["batch"], seed=desc["seed"], output=desc["output"],
-                        targets=desc["targets"], fuse=desc["fuse"])
+                        targets=desc["targets"], fuse=desc["fuse"],
+                        optimize=_optimize_of(desc))
     return plan, dec
+
+
+def _optimize_of(desc: dict) -> dict:
+    """The passes a saved plan was compiled with. A file written before ``optimize`` existed
+    (only ``fuse``) was compiled without the passes added since (drive reuse), so they stay off
+    and the plan compiles to the same fingerprint."""
+    from .compiler import PASSES
+
+    saved = desc.get("optimize")
+    if saved is None:
+        return {"drive_reuse": False}
+    return {k: bool(v) for k, v in saved.items() if k in PASSES}
 
 
 def load_simulator(path, *, expected=None, threads: int | None = None,

@@ -61,7 +61,8 @@ Usage::
     python scripts/record_golden.py --measure --mnist DIR --fashion-mnist DIR [NAMES]
         # no files written: for each trained scenario, how far the 20-minibatch state moves from
         # the golden files when the computation is re-associated (compile_plan(fuse=False);
-        # training.threads = 2; run it under OPENBLAS_CORETYPE=Haswell for other GEMM kernels)
+        # without drive reuse; training.threads = 2; run it under OPENBLAS_CORETYPE=Haswell for
+        # other GEMM kernels)
         # and when the learning rate is changed by 0.1% and 1%, in units of the tolerance of
         # tests/test_golden.py (the check of the analysis behind it)
 
@@ -227,20 +228,47 @@ def kind_of(settings: dict) -> str:
 
 
 @contextlib.contextmanager
-def unfused():
-    """Compile every training plan with ``compile_plan(fuse=False)`` (momentum not folded into
-    the update GEMM): the same arithmetic, re-associated. For the tolerance analysis only."""
-    import functools
+def compiled_with(optimize=None, seen=None):
+    """Compile every plan made meanwhile with ``compile_plan(optimize=...)`` merged into its own
+    (e.g. ``{"drive_reuse": False}``) and, with ``seen`` (a list), append each compiled plan's
+    ``passes`` (the rewrites each optimisation pass made) to it."""
     from unittest import mock
 
     import neurosim.compiler as compiler
     import neurosim.models.forward_forward as ffm
+    import neurosim.models.local_rules as local
+    import neurosim.teacher_student as ts
     import neurosim.training as training
 
-    plain = functools.partial(compiler.compile_plan, fuse=False)
-    with mock.patch.object(training, "compile_plan", plain), \
-            mock.patch.object(ffm, "compile_plan", plain):
+    real = compiler.compile_plan
+
+    def patched(*args, **kw):
+        if optimize:
+            kw["optimize"] = {**(kw.get("optimize") or {}), **optimize}
+        plan = real(*args, **kw)
+        if seen is not None:
+            seen.append(plan.passes)
+        return plan
+
+    with mock.patch.object(compiler, "compile_plan", patched), \
+            mock.patch.object(training, "compile_plan", patched), \
+            mock.patch.object(ffm, "compile_plan", patched), \
+            mock.patch.object(local, "compile_plan", patched), \
+            mock.patch.object(ts, "compile_plan", patched):
         yield
+
+
+def unfused():
+    """Compile every training plan with ``compile_plan(optimize={"fuse_momentum": False})``
+    (momentum not folded into the update GEMM): the same arithmetic, re-associated. For the
+    tolerance analysis only."""
+    return compiled_with({"fuse_momentum": False})
+
+
+def without_drive_reuse():
+    """Compile every plan without linear drive reuse (``optimize={"drive_reuse": False}``): the
+    operation sequence the golden files were recorded with."""
+    return compiled_with({"drive_reuse": False})
 
 
 def state_names(sim) -> list[str]:
@@ -525,7 +553,8 @@ def measure(name: str, data: dict) -> None:
     """Print how far perturbed reruns of the minibatches move the state from the golden files, in
     units of the tolerance rho of tests/test_golden.py: the run as recorded (under another BLAS
     core, e.g. ``OPENBLAS_CORETYPE=Haswell``, that is a re-association of every GEMM),
-    ``compile_plan(fuse=False)``, ``training.threads = 2``, and the learning rate times 1.001
+    ``compile_plan(fuse=False)``, without drive reuse (``optimize={"drive_reuse": False}``),
+    ``training.threads = 2``, and the learning rate times 1.001
     and 1.01 (real changes the tolerance should see)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import test_golden as tg
@@ -543,6 +572,7 @@ def measure(name: str, data: dict) -> None:
     rho = tg.state_tolerance(settings, gmeta)
     lr = settings["training"]["lr"]
     variants = {"as recorded": ([], contextlib.nullcontext), "fuse=False": ([], unfused),
+                "no drive reuse": ([], without_drive_reuse),
                 "threads=2": (["training.threads=2"], contextlib.nullcontext),
                 "lr x 1.001": ([f"training.lr={lr * 1.001!r}"], contextlib.nullcontext),
                 "lr x 1.01": ([f"training.lr={lr * 1.01!r}"], contextlib.nullcontext)}
