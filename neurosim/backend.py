@@ -63,7 +63,7 @@ class NumbaBackend:
                 np.int64(start), np.int64(n_trials), np.int64(plan.batch), np.int64(trial0),
                 np.int64(step0), plan.keys, sim.scal, rec, stamps, rec_meta, rec_cnt, info, out,
                 self._ws_i, self._ws_f, np.int64(self.nthreads), self._par)
-        with self._threads(), _announce_compile(K.run_trials, self._par is not None):
+        with self._threads(), _announce_compile(K.run_trials, self._par is not None, args):
             return K.run_trials(*args)
 
     @contextlib.contextmanager
@@ -128,9 +128,10 @@ _ANNOUNCED = set()
 
 
 @contextlib.contextmanager
-def _announce_compile(dispatcher, parallel: bool):
+def _announce_compile(dispatcher, parallel: bool, args=()):
     """Say on stderr when the kernels are compiled for the first time (an empty numba cache:
-    a fresh install), and how long it took."""
+    a fresh install), and how long it took; compile the interpreter's callees on two cores
+    first (:mod:`neurosim.kernels.warm`)."""
     key = (id(dispatcher), parallel)
     if key in _ANNOUNCED or dispatcher.signatures and not parallel:
         yield
@@ -142,6 +143,10 @@ def _announce_compile(dispatcher, parallel: bool):
         print(f"neurosim: compiling the simulation kernels{' (parallel variant)' if parallel else ''}"
               f" for the first time; this takes {'30-50' if parallel else '15-25'} s once, later "
               "runs load them from the cache ...", file=sys.stderr, flush=True)
+    if not cached and not parallel and args:
+        from .kernels.warm import two_process_warmup
+
+        two_process_warmup(args)
     yield
     if not cached and _verbose():
         print(f"neurosim: kernels compiled in {time.perf_counter() - t0:.0f} s (cached).",
