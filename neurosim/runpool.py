@@ -80,10 +80,10 @@ def previous_rows(csv_path: Path) -> dict:
 
 
 # -- checks before any worker starts ----------------------------------------------------------------
-def check_circuits(runs, ds=None, label=None) -> None:
+def check_circuits(runs, ds=None, label=None, where=None) -> None:
     """Build and compile every distinct circuit once (cheap; no kernels run); with a loaded
-    data set ``ds``, also check that the circuits fit it. ``label(run)`` names a run in the
-    errors (default: its grid point)."""
+    data set ``ds``, also check that the circuits fit it. ``label(run)`` names a run at the end
+    of the errors (default: its grid point), ``where(run)`` before the key instead."""
     from . import scenario as sc
     from .training import _check_data_fits, scenario_hash, simulator_for
 
@@ -105,6 +105,8 @@ def check_circuits(runs, ds=None, label=None) -> None:
                 if ds is not None:
                     _check_data_fits(sim, ds, r.settings)
         except ValidationError as e:
+            if where is not None:
+                raise ValidationError(f"{where(r)}: {e.where}", e.message, e.hint) from None
             raise ValidationError(e.where, f"{e.message} ({label(r)})", e.hint) from None
 
 
