@@ -52,12 +52,13 @@ _TABLE_KEYS = {"name", "title", "metrics", "labels", "note", "anchor_label"}
 _FIGURE_KEYS = {"name", "title", "kind", "metric", "entries", "columns", "rows", "ylabel"}
 _FIGURE_KINDS = ("learning_curves", "trace")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-# a table metric: a summary.json number, a metrics.csv column at an epoch ("test_accuracy@6",
+# a table metric: a summary.json number (or a number inside one of its objects, slowness.s), a
+# metrics.csv column at an epoch ("test_accuracy@6",
 # "@last"), or a monitor trace's last record / mean of its last N records ("trace:angle:F@last",
 # "trace:grad_angle:W1@last10")
 _METRIC = re.compile(r"^(?:(?P<trace>trace:[^@\s]+)@(?P<tsel>last\d*)|"
                      r"(?P<col>[A-Za-z_][A-Za-z0-9_]*)@(?P<csel>\d+|last)|"
-                     r"(?P<key>[A-Za-z_][A-Za-z0-9_]*))$")
+                     r"(?P<key>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?))$")
 
 
 def add_arguments(p) -> None:
@@ -194,7 +195,8 @@ def _resolve_scenario(text: str, base: Path, where: str) -> Path:
 def parse_metric(text: str, where: str) -> dict:
     m = _METRIC.match(text) if isinstance(text, str) else None
     if not m:
-        raise _err(where, f"got {text!r}, expected a summary.json key (final_test_accuracy), a "
+        raise _err(where, f"got {text!r}, expected a summary.json key (final_test_accuracy, "
+                   "slowness.s), a "
                    "metrics.csv column at an epoch (test_accuracy@6, test_accuracy@last) or a "
                    "monitor's last records (trace:angle:F@last, trace:grad_angle:W1@last10).")
     return {k: v for k, v in m.groupdict().items() if v is not None}
@@ -399,11 +401,10 @@ def metric_value(run: RunSpec, metric: str):
     if "key" in p:
         v = run.row.get(p["key"])
         if v in (None, ""):
-            v = (read_json(run.run_dir / "summary.json") or {}).get(p["key"])
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
+            v = read_json(run.run_dir / "summary.json") or {}
+            for k in p["key"].split("."):
+                v = v.get(k) if isinstance(v, dict) else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
     from .report import read_metrics, read_traces
 
     try:

@@ -43,6 +43,7 @@ from .rundir import (FolderLock, atomic_write_text, check_fresh, check_inside, o
 from .runpool import (METRICS as _METRICS, RunSpec, check_circuits, classify, execute,
                       fmt_csv as _fmt_csv, fmt_mean_std as _fmt, mean_std as _mean_std,
                       positive_int as _positive_int, previous_rows)
+from .runpool import run_one, summary_row as _row  # noqa: F401  (the sweep's task and rows)
 
 #: What a sweep writes into its folder (a folder holding any of them without ``sweep.json`` is
 #: refused: a sweep never replaces files it did not write).
