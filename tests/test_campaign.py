@@ -121,6 +121,13 @@ def test_depth_campaign_covers_rules_depths_and_datasets():
     assert all(r.settings["training"]["epochs"] == 10 and
                r.settings["training"]["milestones"] == [6, 9] for r in runs)
     assert all(h == 1024 for r in runs for h in r.settings["model"]["sizes"][1:-1])
+    # the rates of the probe (campaigns/depth_lr_probe.toml, the file's header): the 1-hidden
+    # eta up to 2 hidden layers; with 3, eta / 10 for the rules that diverge at it
+    for r in runs:
+        model, depth = r.settings["model"]["name"], len(r.settings["model"]["sizes"]) - 2
+        one = {"pepita_norm": 1.0}.get(model, 0.1)
+        want = one / 10 if depth == 3 and model not in ("bp", "pepita_norm") else one
+        assert r.settings["training"]["lr"] == pytest.approx(want), (r.name, want)
 
 
 # -- planning and errors (no cluster) --------------------------------------------------------------
