@@ -273,7 +273,8 @@ def test_a_folder_of_other_files_is_refused(folder, tmp_path, data, capsys):
     assert cli(["campaign", str(folder / "small.toml"), "--data", str(data), "--out",
                 str(out)]) == 2
     assert (out / "results.md").read_text() == "mine"
-    assert "results.md" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds results.md" in err and "re-run the same campaign command" in err
 
 
 # -- the smoke run of every shipped campaign (real MNIST and Fashion-MNIST) ---------------
