@@ -354,7 +354,9 @@ def _entry_of(camp: Campaign) -> dict:
 
 # -- data -------------------------------------------------------------------------------------------
 def data_dirs(items, runs) -> dict:
-    """``--data`` values -> {dataset name: folder or None (the data set lookup)}."""
+    """``--data`` values -> {dataset name: folder or None (the data set lookup)}. A root folder
+    is searched like ``$NEUROSIM_DATA`` (``ROOT/<dataset>/``); a data set it lacks is looked up
+    as usual."""
     from .datasets import _spec
 
     datasets = sorted({r.settings["data"]["dataset"] for r in runs})
@@ -386,10 +388,11 @@ def data_dirs(items, runs) -> dict:
             out[ds] = str(found[0])
         elif roots and len(datasets) == 1:
             out[ds] = str(roots[0])      # the folder of the one data set's files
-        elif roots:
-            raise _err("--data", f"no folder {key}/ in {', '.join(map(str, roots))} for the "
-                       f"entries on {ds}.", f"add {key}/ there, or give --data {key}=DIR.")
-        else:
+        else:       # as under $NEUROSIM_DATA: the data set lookup (docs/datasets.md)
+            if roots:
+                print(f"neurosim campaign: note: no folder {key}/ in "
+                      f"{', '.join(map(str, roots))}; {ds} is looked up as docs/datasets.md "
+                      f"describes (or give --data {key}=DIR).", file=sys.stderr)
             out[ds] = None
     return out
 

@@ -200,6 +200,10 @@ def test_data_folders_per_dataset(tmp_path, folder):
                                                                           "mnist")}
     assert cp.data_dirs([f"mnist={tmp_path}"], runs) == {"mnist": str(tmp_path)}
     assert cp.data_dirs([], runs) == {"mnist": None}
+    two = runs + [r for r in cp.plan_campaign(folder / "small.toml",
+                                              ['data.dataset="fashion-mnist"'])[1]]
+    assert cp.data_dirs([str(tmp_path / "root")], two) == {
+        "mnist": str(tmp_path / "root" / "mnist"), "fashion-mnist": None}   # looked up
     with pytest.raises(ValidationError, match="unknown data set"):
         cp.data_dirs([f"svhn={tmp_path}"], runs)
 
