@@ -48,7 +48,7 @@ CAMPAIGN_FILES = ("campaign.json", "results.csv", "results.md", "figures", "runs
 _TOP_KEYS = {"campaign", "entry", "table", "figure"}
 _CAMPAIGN_KEYS = {"name", "description", "seeds", "set"}
 _ENTRY_KEYS = {"name", "scenario", "set", "seeds", "row", "column", "anchor", "tables"}
-_TABLE_KEYS = {"name", "title", "metrics", "labels", "note", "anchor_label"}
+_TABLE_KEYS = {"name", "title", "metrics", "labels", "note", "anchor_label", "anchors"}
 _FIGURE_KEYS = {"name", "title", "kind", "metric", "entries", "columns", "rows", "ylabel"}
 _FIGURE_KINDS = ("learning_curves", "trace")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -168,6 +168,12 @@ def _str(value, where, default=None, required=False) -> str:
     return value
 
 
+def _bool(value, where) -> bool:
+    if not isinstance(value, bool):
+        raise _err(where, f"got {value!r}, expected true or false.")
+    return value
+
+
 def _keys(table, allowed, where, what) -> None:
     if not isinstance(table, dict):
         raise _err(where, f"got {type(table).__name__}, expected a table.")
@@ -281,7 +287,8 @@ def load_campaign(path, cli_sets=()) -> Campaign:
                        "metrics": list(metrics), "labels": labels,
                        "note": _str(t.get("note"), f"{w}.note", ""),
                        "anchor_label": _str(t.get("anchor_label"), f"{w}.anchor_label",
-                                            "anchor (published)")})
+                                            "anchor (published)"),
+                       "anchors": _bool(t.get("anchors", True), f"{w}.anchors")})
     for e in entries:
         for tname in e.tables or ():
             if tname not in tseen:
@@ -512,7 +519,7 @@ def table_lines(camp: Campaign, table: dict, agg: dict) -> list[str]:
     for c in cols:
         for lab in table["labels"]:
             heads.append(f"{c}, {lab}" if c and len(table["metrics"]) > 1 else (c or lab))
-    has_anchor = any(e.anchor for e in ents)
+    has_anchor = table["anchors"] and any(e.anchor for e in ents)
     lines = ["| | " + " | ".join(heads) + (f" | {table['anchor_label']}" if has_anchor else "")
              + " |", "|---|" + "---|" * (len(heads) + has_anchor)]
     for rw in rows:

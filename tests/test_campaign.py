@@ -14,7 +14,6 @@ import json
 import math
 import multiprocessing
 import time
-from pathlib import Path
 
 import pytest
 
@@ -62,6 +61,11 @@ column = "eta 0.1"
 title = "Test accuracy"
 metrics = ["final_test_accuracy", "test_accuracy@1", "trace:angle:F@last"]
 labels = ["final", "epoch 1", "angle F"]
+
+[[table]]
+title = "Best, without anchors"
+metrics = ["best_test_accuracy"]
+anchors = false
 
 [[figure]]
 name = "curves"
@@ -165,6 +169,7 @@ _ENTRY = '[[entry]]\nscenario = "tiny.toml"\n'
     (_ENTRY + '[[figure]]\nname = "f"\ncolumns = ["MNIST"]\n', "figure[0].columns: 'MNIST' is no "
      "column"),
     (_ENTRY + '[[figure]]\nname = "f"\nkind = "bars"\n', "figure[0].kind: got 'bars'"),
+    (_ENTRY + '[[table]]\nanchors = "no"\n', "table[0].anchors: got 'no', expected true or false"),
     ('[campaign]\nname = "x"\n', "entry: the campaign has no [[entry]]"),
     (_ENTRY + "[extra]\n", "extra: unknown section"),
     ("[[entry]\n", "not valid TOML"),
@@ -247,6 +252,8 @@ def test_small_campaign_runs_then_rerun_skips(folder, tmp_path, data, capsys):
     assert "| | eta 0.05, final | eta 0.05, epoch 1 | eta 0.05, angle F | eta 0.1, final" in md
     assert "| anchor (published) |" in md and "eta 0.05: about 98.0 (a quoted figure) |" in md
     assert "`training.epochs=2`" in md and "`training.lr=0.1`" in md
+    second = md.split("## Best, without anchors")[1].split("## ")[0]
+    assert "| | eta 0.05 | eta 0.1 |" in second and "anchor" not in second
     for name in ("curves", "angle"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
