@@ -87,7 +87,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# -- the campaign file ------------------------------------------------------------------------------
+# -- the campaign file -----------------------------------------------------------------------------
 @dataclass
 class Entry:
     name: str
@@ -359,7 +359,7 @@ def _entry_of(camp: Campaign) -> dict:
     return {e.name: e for e in camp.entries}
 
 
-# -- data -------------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------------
 def data_dirs(items, runs) -> dict:
     """``--data`` values -> {dataset name: folder or None (the data set lookup)}. A root folder
     is searched like ``$NEUROSIM_DATA`` (``ROOT/<dataset>/``); a data set it lacks is looked up
@@ -404,7 +404,7 @@ def data_dirs(items, runs) -> dict:
     return out
 
 
-# -- metrics of one run -----------------------------------------------------------------------------
+# -- metrics of one run ----------------------------------------------------------------------------
 def metric_value(run: RunSpec, metric: str):
     """The value of a table metric for a finished run (None if it has none)."""
     p = parse_metric(metric, "metric")
@@ -452,7 +452,7 @@ def _fill_metrics(camp: Campaign, runs) -> None:
                 r.row[m] = metric_value(r, m)
 
 
-# -- outputs ----------------------------------------------------------------------------------------
+# -- outputs ---------------------------------------------------------------------------------------
 def write_csv(out: Path, camp: Campaign, runs) -> None:
     ent = _entry_of(camp)
     table_metrics = list(dict.fromkeys(m for t in camp.tables for m in t["metrics"]))
@@ -652,7 +652,7 @@ def write_figures(out: Path, camp: Campaign, runs) -> list[str]:
     return written
 
 
-# -- the command -----------------------------------------------------------------------------------
+# -- the command ----------------------------------------------------------------------------------
 def main(args) -> int:
     t_start = time.perf_counter()
     camp, runs = plan_campaign(args.campaign, args.overrides)

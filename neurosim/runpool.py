@@ -79,7 +79,7 @@ def previous_rows(csv_path: Path) -> dict:
         return {}
 
 
-# -- checks before any worker starts ----------------------------------------------------------------
+# -- checks before any worker starts ---------------------------------------------------------------
 def check_circuits(runs, ds=None, label=None, where=None) -> None:
     """Build and compile every distinct circuit once (cheap; no kernels run); with a loaded
     data set ``ds``, also check that the circuits fit it. ``label(run)`` names a run at the end
@@ -110,7 +110,7 @@ def check_circuits(runs, ds=None, label=None, where=None) -> None:
             raise ValidationError(e.where, f"{e.message} ({label(r)})", e.hint) from None
 
 
-# -- state of the run directories -------------------------------------------------------------------
+# -- state of the run directories ------------------------------------------------------------------
 def classify(run: RunSpec, previous: dict, retry_failed: bool, what: str = "sweep") -> None:
     """Set run.status from its run directory: ok (finished), diverged, or pending."""
     from . import scenario as sc
@@ -161,7 +161,7 @@ def summary_row(run: RunSpec, summary: dict, error, extra=None) -> dict:
     return row
 
 
-# -- the task run by a worker -----------------------------------------------------------------------
+# -- the task run by a worker ----------------------------------------------------------------------
 def run_one(settings: dict, run_dir: str, data_dir) -> dict:
     """Run (or resume) one run directory; never raises: returns status, summary and timing."""
     import socket
@@ -192,7 +192,7 @@ def run_one(settings: dict, run_dir: str, data_dir) -> dict:
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
-# -- aggregation ------------------------------------------------------------------------------------
+# -- aggregation -----------------------------------------------------------------------------------
 def mean_std(values):
     """(mean, sample std (n - 1; None for one value), n) of the finite numbers in ``values``."""
     vals = []
@@ -229,7 +229,7 @@ def fmt_csv(v):
     return v
 
 
-# -- dask -------------------------------------------------------------------------------------------
+# -- dask ------------------------------------------------------------------------------------------
 def make_client(scheduler, workers, n_pending: int):
     """A dask Client: connected to ``scheduler``, or to a fresh LocalCluster of ``workers``
     (default: the CPUs, never more than the runs to do) single-threaded worker processes.
