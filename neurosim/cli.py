@@ -19,6 +19,7 @@ from .errors import NeurosimError, ValidationError
 EXTRA_COMMANDS = {
     "crosscheck": "neurosim.interop.crosscheck",
     "sweep": "neurosim.sweep",
+    "campaign": "neurosim.campaign",
     "report": "neurosim.report",
 }
 

@@ -560,7 +560,7 @@ def _write_md(path: Path, lines) -> Path:
 
 # -- a sweep --------------------------------------------------------------------------------------
 def report_sweep(d: Path, runs: bool = False) -> list[Path]:
-    from .sweep import _mean_std
+    from .runpool import mean_std as _mean_std
 
     remove_dead_tmp(d)
     spec = _read_json(d / "sweep.json") or {}

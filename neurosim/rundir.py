@@ -110,7 +110,7 @@ def check_fresh(folder: Path, names, what: str = "run") -> None:
             raise os_error(e, p, "look into it") from None
     if found:
         resume = (f"continue it with: neurosim run --resume {folder}" if what == "run" else
-                  "re-run the same sweep command to continue it")
+                  f"re-run the same {what} command to continue it")
         raise ValidationError("--out", f"{str(folder)!r} already holds {', '.join(found)}; a new "
                               f"{what} never replaces files it did not write.",
                               f"choose another --out (e.g. a subfolder), or if this is a {what} "

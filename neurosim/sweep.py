@@ -20,37 +20,36 @@ retries them), resumes interrupted ones from their last checkpoint, and starts t
 worker that dies mid-run (killed, out of memory) has its task rescheduled by dask, and the run
 then resumes from its last checkpoint.
 
-Everything is validated (every grid point's scenario and circuit) before a worker starts.
+Everything is validated (every grid point's scenario and circuit) before a worker starts. The
+machinery shared with ``neurosim campaign`` (run-folder states, the dask task, aggregation) is in
+:mod:`neurosim.runpool`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
+import csv
 import itertools
 import json
-import math
-import os
 import re
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NeurosimError, SimulationError, ValidationError
+from .errors import ValidationError
 from .rundir import (FolderLock, atomic_write_text, check_fresh, check_inside, os_error,
                      remove_stale_tmp, safe_name)
+from .runpool import (METRICS as _METRICS, RunSpec, check_circuits, classify, execute,
+                      fmt_csv as _fmt_csv, fmt_mean_std as _fmt, mean_std as _mean_std,
+                      positive_int as _positive_int, previous_rows)
+from .runpool import run_one, summary_row as _row  # noqa: F401  (the sweep's task and rows)
 
 #: What a sweep writes into its folder (a folder holding any of them without ``sweep.json`` is
 #: refused: a sweep never replaces files it did not write).
 SWEEP_FILES = ("sweep.json", "sweep.csv", "summary.md", "runs")
 
 HELP = "run a scenario over a parameter grid x seeds on dask.distributed (local or a cluster)"
-
-# metrics of summary.json aggregated per grid point (plus any other final_*/best_* number)
-_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy_running", "wall_s")
 
 
 def add_arguments(p) -> None:
@@ -78,17 +77,6 @@ def add_arguments(p) -> None:
 
 
 # -- planning ---------------------------------------------------------------------------------------
-@dataclass
-class RunSpec:
-    name: str
-    point: dict            # grid key -> value text (as given)
-    seed: int
-    settings: dict
-    run_dir: Path = None
-    status: str = "pending"    # pending | ok | diverged | failed
-    row: dict = field(default_factory=dict)
-
-
 def split_values(text: str, where: str) -> list[str]:
     """Split ``v1,v2,...`` at the commas outside brackets, braces and quotes."""
     out, depth, quote, cur = [], 0, None, []
@@ -139,16 +127,6 @@ def parse_grid(items) -> dict:
             raise ValidationError(f"--grid {key}", f"repeats a value in {vals}.")
         grid[key] = vals
     return grid
-
-
-def _positive_int(text, where) -> int:
-    try:
-        n = int(str(text))
-    except ValueError:
-        raise ValidationError(where, f"got {text!r}, expected a positive integer.") from None
-    if n < 1:
-        raise ValidationError(where, f"got {n}, expected a positive integer.")
-    return n
 
 
 def _slug(text: str) -> str:
@@ -205,132 +183,6 @@ def plan_sweep(scenario, grid_items, seeds, overrides=()) -> tuple[dict, dict, l
     return grid, base, runs
 
 
-def _check_circuits(runs, ds=None) -> None:
-    """Build and compile every distinct circuit once (cheap; no kernels run); with a loaded
-    data set ``ds``, also check that the circuits fit it."""
-    from . import scenario as sc
-    from .training import _check_data_fits, scenario_hash, simulator_for
-
-    seen = set()
-    for r in runs:
-        h = scenario_hash({**r.settings, "training": {**r.settings["training"], "seed": 0}})
-        if h in seen:
-            continue
-        seen.add(h)
-        label = ", ".join(f"{k}={v}" for k, v in r.point.items()) or "the base scenario"
-        try:
-            if sc.runner_for(r.settings) is not None and sc.simulator_for(r.settings) is None:
-                sc.build(r.settings)
-            else:
-                sim = simulator_for(r.settings)
-                if ds is not None:
-                    _check_data_fits(sim, ds, r.settings)
-        except ValidationError as e:
-            raise ValidationError(e.where, f"{e.message} (grid point {label})", e.hint) from None
-
-
-# -- state of the run directories -------------------------------------------------------------------
-def _read_json(path: Path):
-    """A JSON object (dict) from ``path``; None if absent, unreadable or not an object."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _previous_rows(out: Path) -> dict:
-    try:
-        with open(out / "sweep.csv", newline="") as f:
-            return {r["run"]: r for r in csv.DictReader(f)}
-    except (OSError, csv.Error, KeyError):
-        return {}
-
-
-def _classify(run: RunSpec, previous: dict, retry_failed: bool) -> None:
-    """Set run.status from its run directory: ok (finished), diverged, or pending."""
-    from . import scenario as sc
-    from .training import scenario_hash
-
-    d = run.run_dir
-    toml = d / "scenario.toml"
-    if toml.is_file():
-        try:
-            have = scenario_hash(sc.load(toml))
-        except ValidationError as e:
-            raise ValidationError(str(toml), f"this run directory's scenario is unreadable "
-                                  f"({e}).", "delete the run directory to run it again.") from None
-        if have != scenario_hash(run.settings):
-            raise ValidationError("--out", f"{str(d)!r} holds a run of different settings than "
-                                  "this sweep asks for.", "use another --out for a different "
-                                  "scenario or --set values.")
-    summary = _read_json(d / "summary.json") or {}
-    epochs = run.settings["training"]["epochs"]
-    finished = bool(summary) and summary.get("complete", True) is True and \
-        summary.get("epochs_done", epochs) >= epochs
-    prev = previous.get(run.name, {})
-    if finished and not (d / "error.json").exists():
-        run.status = "ok"
-        run.row = _row(run, summary, None, {k: prev[k] for k in ("task_s", "worker")
-                                             if prev.get(k)})
-        return
-    if retry_failed:
-        return
-    err = _read_json(d / "error.json")
-    if err and err.get("error") == "SimulationError":
-        run.status = "diverged"
-        run.row = _row(run, summary, err.get("message"))
-    elif prev.get("status") == "diverged" and not toml.is_file():
-        run.status = "diverged"      # diverged in its first epoch: nothing was kept
-        run.row = dict(prev)
-
-
-def _row(run: RunSpec, summary: dict, error, extra=None) -> dict:
-    row = {"run": run.name, "status": run.status, "seed": run.seed, **run.point}
-    for k, v in (summary or {}).items():
-        if k in ("epochs_done", "mean_samples_per_s") or k in _METRICS or (
-                k.startswith(("final_", "best_")) and _is_number(v)):
-            row[k] = v
-    row.update(extra or {})
-    row["error"] = error or ""
-    return row
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# -- the task run by a worker -----------------------------------------------------------------------
-def run_one(settings: dict, run_dir: str, data_dir) -> dict:
-    """Run (or resume) one run directory; never raises: returns status, summary and timing."""
-    import socket
-
-    from . import scenario as sc
-    from . import training
-
-    t0 = time.perf_counter()
-    out = Path(run_dir)
-    resume = (out / "scenario.toml").is_file()
-    status, error, summary = "ok", None, {}
-    try:
-        runner = sc.runner_for(settings)
-        if runner is None:
-            summary = training.run(settings, out, data_dir=data_dir, resume=resume,
-                                   progress=False, log=lambda *a, **k: None)
-        else:
-            summary = runner(settings, out, data_dir=data_dir, resume=resume, progress=False)
-    except SimulationError as e:
-        status, error = "diverged", str(e)
-        summary = _read_json(out / "summary.json") or {}
-    except NeurosimError as e:
-        status, error = "failed", str(e)
-    except Exception as e:  # a bug: report it in sweep.csv rather than lose the sweep
-        status, error = "failed", f"{type(e).__name__}: {e}"
-    return {"status": status, "error": error, "summary": summary or {},
-            "task_s": time.perf_counter() - t0, "resumed": resume,
-            "worker": f"{socket.gethostname()}:{os.getpid()}"}
-
-
 # -- outputs ----------------------------------------------------------------------------------------
 def _atomic_write(path: Path, text: str) -> None:
     atomic_write_text(path, text)
@@ -351,23 +203,6 @@ def write_csv(out: Path, grid: dict, runs: list[RunSpec]) -> None:
     _atomic_write(out / "sweep.csv", buf.getvalue())
 
 
-def _fmt_csv(v):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    return v
-
-
-def _mean_std(values):
-    vals = [float(v) for v in values if v not in (None, "") and math.isfinite(float(v))]
-    if not vals:
-        return None, None, 0
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return m, s, len(vals)
-
-
 def aggregate(grid: dict, runs: list[RunSpec]) -> tuple[list[str], list[dict]]:
     """Per grid point: runs done and mean/std of each final metric over its finished seeds."""
     metrics = list(_METRICS) + sorted({k for r in runs for k, v in r.row.items()
@@ -385,14 +220,6 @@ def aggregate(grid: dict, runs: list[RunSpec]) -> tuple[list[str], list[dict]]:
             agg[m] = _mean_std(r.row.get(m) for r in ok)
         out.append(agg)
     return metrics, out
-
-
-def _fmt(m, s, metric):
-    if m is None:
-        return "—"
-    if metric.endswith("accuracy"):
-        return f"{100 * m:.2f} ± {100 * s:.2f} %" if s is not None else f"{100 * m:.2f} %"
-    return f"{m:.4g} ± {s:.2g}" if s is not None else f"{m:.4g}"
 
 
 def write_summary(out: Path, spec: dict, grid: dict, runs: list[RunSpec], timing: dict) -> str:
@@ -444,34 +271,12 @@ def write_summary(out: Path, spec: dict, grid: dict, runs: list[RunSpec], timing
 
 
 # -- the command -----------------------------------------------------------------------------------
-def _client(args, n_pending: int):
-    """A dask Client: connected to --scheduler, or to a fresh LocalCluster (closed by the caller)."""
-    import logging
-
-    from dask.distributed import Client, LocalCluster
-
-    if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout="20s")
-        except (OSError, TimeoutError) as e:
-            raise ValidationError("--scheduler", f"cannot connect to {args.scheduler!r} ({e}).",
-                                  "start one (dask scheduler / dask-jobqueue) or leave out "
-                                  "--scheduler for a local cluster.") from None
-        return client, None, f"the workers of {args.scheduler}"
-    n = _positive_int(args.workers, "--workers") if args.workers is not None else \
-        (os.cpu_count() or 1)
-    n = max(1, min(n, n_pending))        # no idle workers
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
-    return Client(cluster), cluster, f"a LocalCluster of {n} single-threaded worker process(es)"
-
-
 def main(args) -> int:
     t_start = time.perf_counter()
     grid, base, runs = plan_sweep(args.scenario, args.grid, args.seeds, args.overrides)
     if args.workers is not None:
         _positive_int(args.workers, "--workers")
-    _check_circuits(runs)
+    check_circuits(runs)
     data_dir = str(Path(args.data).resolve()) if args.data else None
     if data_dir is not None and not Path(data_dir).is_dir():
         raise ValidationError("--data", f"{args.data!r} is not a folder.",
@@ -495,16 +300,16 @@ def main(args) -> int:
 
 def _sweep(args, t_start, grid, base, runs, data_dir, out: Path) -> int:
     """The sweep proper, in the locked folder ``out``."""
-    previous = _previous_rows(out)
+    previous = previous_rows(out / "sweep.csv")
     for r in runs:
         r.run_dir = out / "runs" / r.name
-        _classify(r, previous, args.retry_failed)
+        classify(r, previous, args.retry_failed, "sweep")
     pending = [r for r in runs if r.status == "pending"]
     if not args.scheduler and pending and data_dir is not None:
         # fail fast on missing or corrupt data, or circuits that do not fit it
         from .training import load_data
 
-        _check_circuits(pending, load_data(pending[0].settings, data_dir)[0])
+        check_circuits(pending, load_data(pending[0].settings, data_dir)[0])
     try:
         (out / "runs").mkdir(exist_ok=True)
     except OSError as e:
@@ -526,7 +331,11 @@ def _sweep(args, t_start, grid, base, runs, data_dir, out: Path) -> int:
           f"seed(s)) into {out}; {skipped} already finished, {len(pending)} to run",
           file=sys.stderr)
     if pending:
-        _execute(args, pending, runs, data_dir, timing, flush, total, skipped)
+        for r in pending:
+            r.data_dir = data_dir
+        execute(pending, scheduler=args.scheduler, workers=args.workers,
+                progress=not args.no_progress, total=total, skipped=skipped, timing=timing,
+                flush=flush, command="sweep")
     flush()
     failed = [r for r in runs if r.status == "failed"]
     diverged = [r for r in runs if r.status == "diverged"]
@@ -537,57 +346,3 @@ def _sweep(args, t_start, grid, base, runs, data_dir, out: Path) -> int:
     return 1 if failed else 0
 
 
-def _execute(args, pending, runs, data_dir, timing, flush, total, skipped) -> None:
-    from dask.distributed import as_completed
-
-    client, cluster, where = _client(args, len(pending))
-    timing["where"] = where
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=skipped, unit="run", desc="runs", dynamic_ncols=True,
-                   disable=None)
-        if bar.disable:
-            bar = None
-    done = skipped
-    futures = {}
-    try:
-        for r in pending:
-            f = client.submit(run_one, r.settings, str(r.run_dir), data_dir, pure=False,
-                              key=f"neurosim-run-{r.name}-{uuid.uuid4().hex[:8]}")
-            futures[f] = r
-        for f in as_completed(futures):
-            r = futures[f]
-            try:
-                res = f.result()
-            except Exception as e:  # the task itself failed (worker died repeatedly, ...)
-                res = {"status": "failed", "error": f"{type(e).__name__}: {e}", "summary": {},
-                       "task_s": None, "worker": ""}
-            r.status = res["status"]
-            r.row = _row(r, res["summary"], res["error"],
-                         {"task_s": res["task_s"], "worker": res["worker"]})
-            done += 1
-            timing["ran"] += 1
-            flush()
-            acc = r.row.get("final_test_accuracy")
-            note = f"test {acc:.4f}" if _is_number(acc) else (r.row["error"][:120] or "")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{r.name}: {r.status}")
-            else:
-                t = f" ({res['task_s']:.1f} s)" if res["task_s"] is not None else ""
-                print(f"[{done}/{total}] {r.name}: {r.status} {note}{t}", file=sys.stderr,
-                      flush=True)
-    except KeyboardInterrupt:
-        for f in futures:
-            f.cancel()
-        print("neurosim sweep: interrupted; finished runs are kept and the others resume from "
-              "their checkpoints when the same command is run again.", file=sys.stderr)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()
