@@ -36,7 +36,6 @@ import numpy as np
 
 from neurosim import NeurosimError, ValidationError
 from neurosim import rundir
-from neurosim import teacher_student as ts
 
 #: What a teacher-student run writes (a new run refuses a folder holding any of them).
 TS_FILES = ("scenario.toml", "summary.json", "teacher_student.csv", "teacher_student.npz",
@@ -94,6 +93,8 @@ def _check(m):
 
 def make_instance(m) -> ts.Instance:
     """The instance described by the ``[model]`` settings."""
+    from neurosim import teacher_student as ts  # lazily: it imports the theory module
+
     _check(m)
     inst = ts.make_instance(m["N"], m["K"], m["M"], seed=m["seed"], w_scale=m["w_scale"],
                             v_scale=m["v_scale"], v_star=m["v_star"], f_scale=m["f_scale"])
@@ -116,6 +117,8 @@ def output_times(m) -> np.ndarray:
 
 
 def _build(settings):
+    from neurosim import teacher_student as ts  # lazily: it imports the theory module
+
     m = settings["model"]
     inst = make_instance(m)
     c, protocol, rule = ts.build_student(inst, m["rule"],
@@ -176,6 +179,8 @@ def run(settings, out_dir, *, data_dir=None, resume=False, progress=True) -> dic
 
 
 def _run(m, inst, out: Path, progress: bool) -> dict:
+    from neurosim import teacher_student as ts  # lazily: it imports the theory module
+
     times = output_times(m)
     eta = m["eta"]
     eta_v = m["eta_v"] if m["eta_v"] is not None else eta
