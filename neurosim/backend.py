@@ -143,14 +143,44 @@ def _announce_compile(dispatcher, parallel: bool, args=()):
         print(f"neurosim: compiling the simulation kernels{' (parallel variant)' if parallel else ''}"
               f" for the first time; this takes {'30-50' if parallel else '15-25'} s once, later "
               "runs load them from the cache ...", file=sys.stderr, flush=True)
+    warmed = False
     if not cached and not parallel and args:
         from .kernels.warm import two_process_warmup
 
-        two_process_warmup(args)
-    yield
+        warmed = two_process_warmup(args)
+    # the callees are compiled (at numba's -O3); the interpreter's dispatch code gains nothing
+    # from -O3 and is the one serial compile left
+    with _first_compile_opt_level(warmed):
+        yield
     if not cached and _verbose():
         print(f"neurosim: kernels compiled in {time.perf_counter() - t0:.0f} s (cached).",
               file=sys.stderr, flush=True)
+
+
+#: LLVM optimisation level of the interpreter's own compile after the warm-up (numba's default
+#: is 3); see docs/engine.md, "First run"
+DISPATCH_OPT = 2
+
+
+@contextlib.contextmanager
+def _first_compile_opt_level(active: bool):
+    """Compile what is compiled inside the block (``run_trials`` itself, its callees being
+    compiled already) at LLVM -O``DISPATCH_OPT``, unless the user set ``NUMBA_OPT``. numba reads
+    ``config.OPT`` for every module it optimises, so nothing compiled outside the block is
+    affected; the previous value is restored afterwards."""
+    import os
+
+    if not active or "NUMBA_OPT" in os.environ:
+        yield
+        return
+    from numba.core import config
+
+    old = config.OPT
+    config.OPT = config._OptLevel(DISPATCH_OPT)
+    try:
+        yield
+    finally:
+        config.OPT = old
 
 
 def _cache_present(dispatcher) -> bool:

@@ -106,3 +106,22 @@ def test_every_group_member_has_a_warm_call():
     calls = warm._calls(spec)
     names = [n for g in warm.GROUPS for n in g]
     assert len(names) == len(set(names)) and set(names) == set(calls)
+
+
+def test_dispatch_opt_level_only_inside_and_not_over_the_user(monkeypatch):
+    """The interpreter's own first compile runs at -O DISPATCH_OPT; numba's setting is restored
+    afterwards, and a user's NUMBA_OPT wins."""
+    from numba.core import config
+
+    from neurosim import backend
+
+    before = int(config.OPT)
+    monkeypatch.delenv("NUMBA_OPT", raising=False)
+    with backend._first_compile_opt_level(True):
+        assert int(config.OPT) == backend.DISPATCH_OPT
+    assert int(config.OPT) == before
+    with backend._first_compile_opt_level(False):
+        assert int(config.OPT) == before
+    monkeypatch.setenv("NUMBA_OPT", "3")
+    with backend._first_compile_opt_level(True):
+        assert int(config.OPT) == before
