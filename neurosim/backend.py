@@ -141,7 +141,7 @@ def _announce_compile(dispatcher, parallel: bool, args=()):
     t0 = time.perf_counter()
     if not cached and _verbose():
         print(f"neurosim: compiling the simulation kernels{' (parallel variant)' if parallel else ''}"
-              f" for the first time; this takes {'30-50' if parallel else '15-25'} s once, later "
+              f" for the first time; this takes {'30-50' if parallel else '10-25'} s once, later "
               "runs load them from the cache ...", file=sys.stderr, flush=True)
     warmed = False
     if not cached and not parallel and args:
